@@ -1,0 +1,191 @@
+"""Typed experiment configuration, loaded from YAML with command-line overrides.
+
+A config file is merged onto the dataclasses below, so every key has a type and
+a default; ``key=value`` overrides from the command line are merged last. An
+unknown key or a value of the wrong type raises ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value that the framework cannot accept."""
+
+
+@dataclass
+class RuleConfig:
+    """An update rule: ``lstm`` or ``mlp`` (learned) or a baseline's name."""
+
+    kind: str = "lstm"
+    hidden_size: int = 20
+    num_layers: int = 2
+    out_scale: float = 0.1
+    preprocess_p: float = 10.0
+    momenta: list[float] = field(default_factory=lambda: [0.9])
+    lr: float = 1e-3
+
+
+@dataclass
+class LevelConfig:
+    """One level: its rule, and how it unrolls the level below."""
+
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    horizon: int = 100
+    mode: str = "first_order"
+
+
+@dataclass
+class TaskConfig:
+    """The optimisee at level 0."""
+
+    name: str = "quadratic"
+    dim: int = 10
+    hidden: list[int] = field(default_factory=lambda: [20])
+    activation: str = "sigmoid"
+    batch_size: int = 128
+    data_root: Optional[str] = None
+    data_source: str = "auto"
+
+
+@dataclass
+class MetaConfig:
+    """Training of the top level by a hand-designed torch.optim optimiser."""
+
+    optimizer: str = "adam"
+    lr: float = 0.003
+    epochs: int = 100
+    meta_batch: int = 32
+    truncation: int = 20
+    grad_clip: Optional[float] = None
+    val_every: int = 10
+    val_tasks: int = 64
+
+
+@dataclass
+class VariationConfig:
+    """A task evaluated with the learned rule as trained, under another name."""
+
+    name: str = "variation"
+    task: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out comparison against tuned baselines."""
+
+    tasks: int = 256
+    horizons: list[int] = field(default_factory=lambda: [100])
+    report_steps: list[int] = field(default_factory=lambda: [10, 50, 100])
+    baselines: list[str] = field(
+        default_factory=lambda: ["sgd", "nag", "rmsprop", "adam"]
+    )
+    lr_grid: list[float] = field(
+        default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]
+    )
+    tune_tasks: int = 64
+    variations: list[VariationConfig] = field(default_factory=list)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "hierarchy"
+
+
+@dataclass
+class Config:
+    """A whole experiment: levels[0] trains the optimisee, levels[-1] is the top."""
+
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    run_dir: str = "runs/${name}"
+    resume: bool = False
+    log_level: str = "INFO"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    levels: list[LevelConfig] = field(default_factory=lambda: [LevelConfig()])
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Merge a YAML file and ``key=value`` overrides onto the typed defaults."""
+    try:
+        config = OmegaConf.structured(Config)
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {str(path)!r} does not exist")
+            config = OmegaConf.merge(config, OmegaConf.load(path))
+        for override in overrides:
+            if "=" not in override:
+                raise ConfigError(
+                    f"override {override!r} is not of the form key=value "
+                    f"(for example meta.epochs=50)"
+                )
+        if overrides:
+            config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+        resolved = OmegaConf.to_object(config)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_describe(error)) from None
+
+    assert isinstance(resolved, Config)
+    validate(resolved)
+    return resolved
+
+
+def _describe(error: OmegaConfBaseException) -> str:
+    """One line naming the offending key, from omegaconf's richer message."""
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0]
+    return f"config key {key!r}: {message}" if key else f"config: {message}"
+
+
+def validate(config: Config) -> None:
+    """Check values that a type alone cannot, naming the key and what is accepted."""
+    from hierarchy.baselines import BASELINES
+    from hierarchy.rules import RULES
+    from hierarchy.unroll import MODES
+
+    def fail(key: str, value: object, accepted: str) -> None:
+        raise ConfigError(f"config key {key!r} = {value!r}: expected {accepted}")
+
+    if not config.levels:
+        fail("levels", [], "a list of at least one level")
+    for k, level in enumerate(config.levels):
+        if level.rule.kind not in RULES and level.rule.kind not in BASELINES:
+            fail(f"levels.{k}.rule.kind", level.rule.kind,
+                 f"one of {sorted(RULES) + sorted(BASELINES)}")
+        if level.mode not in MODES:
+            fail(f"levels.{k}.mode", level.mode, f"one of {list(MODES)}")
+        if level.horizon < 1:
+            fail(f"levels.{k}.horizon", level.horizon, "a positive integer")
+
+    meta, top = config.meta, config.levels[-1]
+    if not 1 <= meta.truncation <= top.horizon:
+        fail("meta.truncation", meta.truncation,
+             f"an integer from 1 to the top level's horizon ({top.horizon})")
+    for key in ("epochs", "meta_batch", "val_every", "val_tasks"):
+        if getattr(meta, key) < 1:
+            fail(f"meta.{key}", getattr(meta, key), "a positive integer")
+    if meta.lr <= 0:
+        fail("meta.lr", meta.lr, "a positive number")
+    if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
+        fail("device", config.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if config.dtype not in ("float32", "float64"):
+        fail("dtype", config.dtype, "'float32' or 'float64'")
+    if config.wandb.mode not in ("offline", "disabled", "online"):
+        fail("wandb.mode", config.wandb.mode, "'offline', 'disabled' or 'online'")
+    for step in config.eval.report_steps:
+        if not 0 <= step <= max(config.eval.horizons):
+            fail("eval.report_steps", step,
+                 f"steps between 0 and the longest horizon {max(config.eval.horizons)}")

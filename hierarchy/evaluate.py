@@ -1,0 +1,103 @@
+"""Side-by-side evaluation: learned rules and tuned baselines on the same problems.
+
+Every optimiser runs on one sampled batch of held-out problems, so all see the
+same initial parameters and the same minibatch at each step. Results are loss
+curves (steps + 1, B), summarised as mean and standard error in a table, a plot
+and a JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from hierarchy.level import Problem
+from hierarchy.rules import UpdateRule
+from hierarchy.unroll import start, unroll
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def trajectory(rule: UpdateRule, problem: Problem, steps: int) -> Tensor:
+    """Losses of ``rule`` optimising ``problem``: shape (steps + 1, B), step 0 first.
+
+    The rule's weights are detached, so no graph is kept beyond one step.
+    """
+    carry = start(problem, rule, "first_order")
+    theta = rule.theta.detach().to(carry.params.device)
+    losses = [carry.loss]
+    for _ in range(steps):
+        _, carry = unroll(rule, theta, problem, carry, 1, "first_order")
+        losses.append(carry.loss)
+    return torch.stack(losses).cpu()
+
+
+def summarise(curve: Tensor, steps: Sequence[int]) -> dict[int, tuple[float, float]]:
+    """Mean and standard error over problems of the loss at each of ``steps``."""
+    out = {}
+    for step in steps:
+        values = curve[step].double()
+        sem = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        out[step] = (values.mean().item(), sem)
+    return out
+
+
+def format_table(
+    curves: Mapping[str, Tensor], steps: Sequence[int], lrs: Mapping[str, float]
+) -> str:
+    """A plain-text table: one row per optimiser, mean +- s.e. at each step."""
+    header = f"{'optimiser':<12}{'lr':>9}" + "".join(f"{'step ' + str(s):>22}" for s in steps)
+    lines = [header, "-" * len(header)]
+    for name, curve in curves.items():
+        lr = f"{lrs[name]:.3g}" if name in lrs else "-"
+        cells = "".join(
+            f"{mean:>13.4g} +- {sem:<5.2g}" for mean, sem in summarise(curve, steps).values()
+        )
+        lines.append(f"{name:<12}{lr:>9}{cells}")
+    return "\n".join(lines)
+
+
+def plot_curves(curves: Mapping[str, Tensor], path: Path, title: str) -> None:
+    """Mean loss per step with a standard-error band, log scale, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        mean = curve.double().mean(dim=1)
+        sem = curve.double().std(dim=1) / math.sqrt(curve.shape[1])
+        steps = torch.arange(len(mean))
+        ax.plot(steps, mean, label=name, linewidth=2 if name == "learned" else 1)
+        ax.fill_between(steps, (mean - sem).clamp_min(1e-12), mean + sem, alpha=0.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimisee step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON via a temporary file and an atomic rename."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable))
+    tmp.replace(path)
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -1,0 +1,252 @@
+"""Coordinatewise update rules: the learned optimisers that every level owns.
+
+A rule maps the gradient of each coordinate (and a recurrent state per coordinate)
+to an update for that coordinate, with one set of weights shared by all
+coordinates. Its weights live in one flat vector ``theta`` so that the rule can be
+evaluated at any tensor: its own ``nn.Parameter`` when it is the top level, or a
+point on another level's unroll when a learned meta-optimiser trains it.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+Params = Tensor
+"""Flat parameters of a batch of problems, shape (B, D)."""
+
+Updates = Tensor
+"""Proposed parameter changes, same shape as the parameters, (B, D)."""
+
+State = tuple[Tensor, ...]
+"""Recurrent state of a rule: a tuple of tensors of shape (B, D, ...)."""
+
+
+def preprocess(grad: Tensor, p: float = 10.0) -> Tensor:
+    """Gradient preprocessing of Andrychowicz et al. (2016), appendix A.
+
+    Each coordinate g becomes (log|g| / p, sign g) when |g| >= e^-p, else
+    (-1, e^p g), so that gradients spanning many orders of magnitude reach the
+    network on a common scale. Returns a tensor of shape ``grad.shape + (2,)``.
+    """
+    threshold = math.exp(-p)
+    magnitude = grad.abs()
+    large = magnitude >= threshold
+
+    # The clamp keeps log away from zero in the branch torch.where discards, so
+    # that its gradient stays finite in the second-order unroll.
+    log_part = torch.log(magnitude.clamp_min(threshold)) / p
+    first = torch.where(large, log_part, torch.full_like(grad, -1.0))
+    second = torch.where(large, torch.sign(grad), grad * math.exp(p))
+    return torch.stack([first, second], dim=-1)
+
+
+class UpdateRule(nn.Module, ABC):
+    """A coordinatewise update rule m(grad, state; theta) -> (update, state).
+
+    Subclasses declare the shapes of their weights and implement ``update``, which
+    must accept ``theta`` either unbatched, shape (P,), when one rule serves every
+    problem in the batch, or batched, shape (B, P), when each problem has weights
+    of its own (a rule being trained by the level above).
+    """
+
+    kind: str = "rule"
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        super().__init__()
+        self.shapes = dict(shapes)
+        self.sizes = {name: math.prod(shape) for name, shape in self.shapes.items()}
+        self.theta = nn.Parameter(torch.empty(sum(self.sizes.values())))
+
+    @property
+    def num_params(self) -> int:
+        """Length of the flat weight vector theta."""
+        return self.theta.numel()
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Split a flat (P,) or batched (B, P) weight vector into named views."""
+        views, offset = {}, 0
+        for name, shape in self.shapes.items():
+            size = self.sizes[name]
+            flat = theta[..., offset : offset + size]
+            views[name] = flat.reshape(*theta.shape[:-1], *shape)
+            offset += size
+        return views
+
+    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
+        """Inverse of ``unflatten`` for unbatched weights."""
+        return torch.cat([tensors[name].reshape(-1) for name in self.shapes])
+
+    @abstractmethod
+    def init_state(self, params: Params) -> State:
+        """Fresh recurrent state for a batch of parameters of shape (B, D)."""
+
+    @abstractmethod
+    def update(self, theta: Tensor, grad: Tensor, state: State) -> tuple[Updates, State]:
+        """Propose updates for every coordinate of ``grad`` (B, D) at weights theta."""
+
+    def forward(self, grad: Tensor, state: State) -> tuple[Updates, State]:
+        return self.update(self.theta, grad, state)
+
+    def config(self) -> dict:
+        """Constructor arguments, enough to rebuild the rule from a checkpoint."""
+        return {}
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """x (B, N, I) times weight (I, O) or (B, I, O), plus bias (O,) or (B, O)."""
+    return x @ weight + bias.unsqueeze(-2)
+
+
+class LSTMRule(UpdateRule):
+    """The coordinatewise LSTM optimiser of Andrychowicz et al. (2016).
+
+    Each coordinate's preprocessed gradient runs through a stack of LSTM layers
+    with weights shared across coordinates; a linear head reads the update, which
+    is multiplied by ``out_scale`` (0.1 in the paper) to keep early steps small.
+    Each layer's input and hidden gate products are fused into one matmul.
+    """
+
+    kind = "lstm"
+
+    def __init__(
+        self,
+        hidden_size: int = 20,
+        num_layers: int = 2,
+        out_scale: float = 0.1,
+        preprocess_p: float = 10.0,
+    ) -> None:
+        shapes: dict[str, tuple[int, ...]] = {}
+        in_size = 2
+        for layer in range(num_layers):
+            shapes[f"w{layer}"] = (in_size + hidden_size, 4 * hidden_size)
+            shapes[f"b{layer}"] = (4 * hidden_size,)
+            in_size = hidden_size
+        shapes["w_out"] = (hidden_size, 1)
+        shapes["b_out"] = (1,)
+        super().__init__(shapes)
+
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.out_scale = out_scale
+        self.preprocess_p = preprocess_p
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Uniform(-1/sqrt(H), 1/sqrt(H)) like torch's LSTM, forget bias 1."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            self.theta.uniform_(-bound, bound, generator=generator)
+            views = self.unflatten(self.theta)
+            hidden = self.hidden_size
+            for layer in range(self.num_layers):
+                views[f"b{layer}"][hidden : 2 * hidden] += 1.0
+
+    def init_state(self, params: Params) -> State:
+        zeros = params.new_zeros(*params.shape, self.hidden_size)
+        return tuple(zeros.clone() for _ in range(2 * self.num_layers))
+
+    def update(self, theta: Tensor, grad: Tensor, state: State) -> tuple[Updates, State]:
+        weights = self.unflatten(theta)
+        x = preprocess(grad, self.preprocess_p)
+        new_state: list[Tensor] = []
+
+        for layer in range(self.num_layers):
+            h, c = state[2 * layer], state[2 * layer + 1]
+            gates = _linear(
+                torch.cat([x, h], dim=-1), weights[f"w{layer}"], weights[f"b{layer}"]
+            )
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            new_state += [h, c]
+            x = h
+
+        out = _linear(x, weights["w_out"], weights["b_out"])
+        return rearrange(out, "b n 1 -> b n") * self.out_scale, tuple(new_state)
+
+    def config(self) -> dict:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "out_scale": self.out_scale,
+            "preprocess_p": self.preprocess_p,
+        }
+
+
+class MLPRule(UpdateRule):
+    """A coordinatewise MLP optimiser over the gradient and its running averages.
+
+    Features per coordinate are the preprocessed gradient and the preprocessed
+    exponential moving averages of the gradient at each decay in ``momenta``; the
+    averages are the rule's only state, so with no decays it is stateless.
+    """
+
+    kind = "mlp"
+
+    def __init__(
+        self,
+        hidden_size: int = 20,
+        num_layers: int = 2,
+        out_scale: float = 0.1,
+        preprocess_p: float = 10.0,
+        momenta: tuple[float, ...] = (0.9,),
+    ) -> None:
+        shapes: dict[str, tuple[int, ...]] = {}
+        in_size = 2 * (1 + len(momenta))
+        for layer in range(num_layers):
+            shapes[f"w{layer}"] = (in_size, hidden_size)
+            shapes[f"b{layer}"] = (hidden_size,)
+            in_size = hidden_size
+        shapes["w_out"] = (in_size, 1)
+        shapes["b_out"] = (1,)
+        super().__init__(shapes)
+
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.out_scale = out_scale
+        self.preprocess_p = preprocess_p
+        self.momenta = tuple(float(m) for m in momenta)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) per layer, like nn.Linear."""
+        with torch.no_grad():
+            views = self.unflatten(self.theta)
+            for name, view in views.items():
+                fan_in = self.shapes[name.replace("b", "w", 1)][0]
+                bound = 1.0 / math.sqrt(fan_in)
+                view.uniform_(-bound, bound, generator=generator)
+
+    def init_state(self, params: Params) -> State:
+        return tuple(torch.zeros_like(params) for _ in self.momenta)
+
+    def update(self, theta: Tensor, grad: Tensor, state: State) -> tuple[Updates, State]:
+        weights = self.unflatten(theta)
+        averages = tuple(
+            decay * m + (1.0 - decay) * grad for decay, m in zip(self.momenta, state)
+        )
+        features = [preprocess(v, self.preprocess_p) for v in (grad, *averages)]
+        x = torch.cat(features, dim=-1)
+
+        for layer in range(self.num_layers):
+            x = torch.relu(_linear(x, weights[f"w{layer}"], weights[f"b{layer}"]))
+
+        out = _linear(x, weights["w_out"], weights["b_out"])
+        return rearrange(out, "b n 1 -> b n") * self.out_scale, averages
+
+    def config(self) -> dict:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "out_scale": self.out_scale,
+            "preprocess_p": self.preprocess_p,
+            "momenta": list(self.momenta),
+        }
+
+
+RULES: dict[str, type[UpdateRule]] = {"lstm": LSTMRule, "mlp": MLPRule}
