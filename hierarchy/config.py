@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -127,13 +128,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 raise ConfigError(f"config file {str(path)!r} does not exist")
             config = OmegaConf.merge(config, OmegaConf.load(path))
         for override in overrides:
-            if "=" not in override:
-                raise ConfigError(
-                    f"override {override!r} is not of the form key=value "
-                    f"(for example meta.epochs=50)"
-                )
-        if overrides:
-            config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+            _apply(config, override)
         resolved = OmegaConf.to_object(config)
     except OmegaConfBaseException as error:
         raise ConfigError(_describe(error)) from None
@@ -141,6 +136,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     assert isinstance(resolved, Config)
     validate(resolved)
     return resolved
+
+
+def _apply(config: DictConfig, override: str) -> None:
+    """Set one ``key=value`` override; list items are addressed as levels.0.mode."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(
+            f"override {override!r} is not of the form key=value "
+            f"(for example meta.epochs=50)"
+        )
+    value = yaml.safe_load(raw) if raw else None
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(config, parent) if parent else config
+    exists = (
+        isinstance(node, DictConfig) and leaf in node
+        or isinstance(node, ListConfig) and leaf.isdigit() and int(leaf) < len(node)
+    )
+    if not exists:
+        raise ConfigError(f"config key {key!r} does not exist; see the config's "
+                          f"defaults in hierarchy/config.py for the accepted keys")
+    try:
+        OmegaConf.update(config, key, value, merge=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"config key {key!r}: {str(error).splitlines()[0]}") from None
 
 
 def _describe(error: OmegaConfBaseException) -> str:

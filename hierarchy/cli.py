@@ -1,0 +1,50 @@
+"""Command-line entry points: run an experiment config with key=value overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hierarchy.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def run_config(config_path: str | Path, overrides: list[str]) -> int:
+    """Load, meta-train, evaluate, and print each results table; returns exit code."""
+    from hierarchy.experiment import run
+
+    try:
+        config = load_config(config_path, overrides)
+        results = run(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    for key, evaluation in results["evaluations"].items():
+        print(f"\n{evaluation['task']}: mean loss +- standard error over "
+              f"{evaluation['tasks']} held-out problems, {evaluation['horizon']} steps")
+        print(evaluation["table"])
+        print(f"plot: {evaluation['plot']}")
+    print(f"\nall numbers: {Path(config.run_dir) / 'results.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hierarchy train CONFIG [key=value ...]``."""
+    parser = argparse.ArgumentParser(prog="hierarchy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="meta-train and evaluate a config")
+    train.add_argument("config", help="a YAML file, or the name of one in configs/")
+    train.add_argument("overrides", nargs="*", help="key=value, e.g. meta.epochs=50")
+    args = parser.parse_args(argv)
+
+    config = Path(args.config)
+    if not config.exists() and (CONFIGS / f"{args.config}.yaml").exists():
+        config = CONFIGS / f"{args.config}.yaml"
+    return run_config(config, args.overrides)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
