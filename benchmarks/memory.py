@@ -34,12 +34,18 @@ def measure(task: str, horizon: int, truncation: int, device: str) -> dict:
 
     config = load_config(
         Path(__file__).resolve().parent.parent / "configs" / f"two_level_{task}.yaml",
-        [f"levels.0.horizon={horizon}", f"meta.truncation={truncation}",
-         f"device={device}", "meta.meta_batch=1", "wandb.mode=disabled"],
+        [
+            f"levels.0.horizon={horizon}",
+            f"meta.truncation={truncation}",
+            f"device={device}",
+            "meta.meta_batch=1",
+            "wandb.mode=disabled",
+        ],
     )
     top, device_ = build(config)
-    trainer = MetaTrainer(top, "runs/benchmark-memory", truncation=truncation,
-                          meta_batch=1, seed=0)
+    trainer = MetaTrainer(
+        top, "runs/benchmark-memory", truncation=truncation, meta_batch=1, seed=0
+    )
 
     if device_.type == "cuda":
         torch.cuda.synchronize()
@@ -55,15 +61,30 @@ def measure(task: str, horizon: int, truncation: int, device: str) -> dict:
         peak = torch.cuda.max_memory_allocated() - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return {"task": task, "horizon": horizon, "truncation": truncation,
-            "device": str(device_), "peak_mib": peak / 2**20, "seconds": seconds}
+    return {
+        "task": task,
+        "horizon": horizon,
+        "truncation": truncation,
+        "device": str(device_),
+        "peak_mib": peak / 2**20,
+        "seconds": seconds,
+    }
 
 
 def in_subprocess(task: str, horizon: int, truncation: int, device: str) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--point", task, str(horizon), str(truncation),
-         device],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--point",
+            task,
+            str(horizon),
+            str(truncation),
+            device,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -83,18 +104,23 @@ def main() -> None:
 
     # The first pass warms the machine's file caches; it is not reported.
     in_subprocess(args.task, 20, 20, args.device)
-    by_truncation = [in_subprocess(args.task, max(TRUNCATIONS), t, args.device)
-                     for t in TRUNCATIONS]
+    by_truncation = [
+        in_subprocess(args.task, max(TRUNCATIONS), t, args.device) for t in TRUNCATIONS
+    ]
     by_horizon = [in_subprocess(args.task, h, 20, args.device) for h in HORIZONS]
 
     print(f"{'horizon':>8}{'truncation':>12}{'peak MiB':>10}{'seconds':>9}")
     for row in by_truncation + by_horizon:
-        print(f"{row['horizon']:>8}{row['truncation']:>12}{row['peak_mib']:>10.1f}"
-              f"{row['seconds']:>9.2f}")
+        print(
+            f"{row['horizon']:>8}{row['truncation']:>12}{row['peak_mib']:>10.1f}"
+            f"{row['seconds']:>9.2f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"by_truncation": by_truncation,
-                               "by_horizon": by_horizon}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"by_truncation": by_truncation, "by_horizon": by_horizon}, indent=2)
+        + "\n"
+    )
     print(f"written to {out}")
 
 

@@ -4,7 +4,7 @@ Meta-trains the coordinatewise LSTM of Andrychowicz et al. (2016) with Adam, the
 compares it with SGD, NAG, RMSprop and Adam, each at its tuned learning rate, on
 the same held-out problems. Prints the tables and says where the plots went.
 
-    python examples/two_level_quadratic.py [key=value ...]   # e.g. meta.epochs=50 device=cuda
+    python examples/two_level_quadratic.py [key=value ...]  # meta.epochs=50
 """
 
 import sys

@@ -10,7 +10,21 @@ from hierarchy.unroll import Carry, start, unroll
 __version__ = "0.1.0"
 
 __all__ = [
-    "BASELINES", "Carry", "Config", "ConfigError", "HandRule", "LSTMRule", "Level",
-    "MLPRule", "MetaTrainer", "Problem", "Task", "UpdateRule", "build_stack",
-    "load_config", "preprocess", "start", "unroll",
+    "BASELINES",
+    "Carry",
+    "Config",
+    "ConfigError",
+    "HandRule",
+    "LSTMRule",
+    "Level",
+    "MLPRule",
+    "MetaTrainer",
+    "Problem",
+    "Task",
+    "UpdateRule",
+    "build_stack",
+    "load_config",
+    "preprocess",
+    "start",
+    "unroll",
 ]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from hierarchy.level import Task
-from hierarchy.rules import Params, State, Updates, UpdateRule
+from hierarchy.rules import Params, State, UpdateRule, Updates
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,9 @@ class SGD(HandRule):
     def init_state(self, params: Params) -> State:
         return ()
 
-    def update(self, theta: Tensor, grad: Tensor, state: State) -> tuple[Updates, State]:
+    def update(
+        self, theta: Tensor, grad: Tensor, state: State
+    ) -> tuple[Updates, State]:
         return -self._lr(theta) * grad, ()
 
 
@@ -62,7 +64,9 @@ class NAG(HandRule):
     def init_state(self, params: Params) -> State:
         return (torch.zeros_like(params),)
 
-    def update(self, theta: Tensor, grad: Tensor, state: State) -> tuple[Updates, State]:
+    def update(
+        self, theta: Tensor, grad: Tensor, state: State
+    ) -> tuple[Updates, State]:
         velocity = self.momentum * state[0] + grad
         step = grad + self.momentum * velocity
         return -self._lr(theta) * step, (velocity,)
@@ -77,7 +81,9 @@ class RMSprop(HandRule):
     def init_state(self, params: Params) -> State:
         return (torch.zeros_like(params),)
 
-    def update(self, theta: Tensor, grad: Tensor, state: State) -> tuple[Updates, State]:
+    def update(
+        self, theta: Tensor, grad: Tensor, state: State
+    ) -> tuple[Updates, State]:
         square = self.alpha * state[0] + (1 - self.alpha) * grad * grad
         return -self._lr(theta) * grad / (square.sqrt() + self.eps), (square,)
 
@@ -92,7 +98,9 @@ class Adam(HandRule):
         zeros = torch.zeros_like(params)
         return (zeros, zeros.clone(), params.new_zeros(()))
 
-    def update(self, theta: Tensor, grad: Tensor, state: State) -> tuple[Updates, State]:
+    def update(
+        self, theta: Tensor, grad: Tensor, state: State
+    ) -> tuple[Updates, State]:
         first, second, count = state
         count = count + 1
         first = self.beta1 * first + (1 - self.beta1) * grad

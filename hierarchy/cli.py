@@ -23,8 +23,10 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
         return 2
 
     for key, evaluation in results["evaluations"].items():
-        print(f"\n{evaluation['task']}: mean loss +- standard error over "
-              f"{evaluation['tasks']} held-out problems, {evaluation['horizon']} steps")
+        print(
+            f"\n{evaluation['task']}: mean loss +- standard error over "
+            f"{evaluation['tasks']} held-out problems, {evaluation['horizon']} steps"
+        )
         print(evaluation["table"])
         print(f"plot: {evaluation['plot']}")
     print(f"\nall numbers: {Path(config.run_dir) / 'results.json'}")

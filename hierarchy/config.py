@@ -150,12 +150,17 @@ def _apply(config: DictConfig, override: str) -> None:
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(config, parent) if parent else config
     exists = (
-        isinstance(node, DictConfig) and leaf in node
-        or isinstance(node, ListConfig) and leaf.isdigit() and int(leaf) < len(node)
+        isinstance(node, DictConfig)
+        and leaf in node
+        or isinstance(node, ListConfig)
+        and leaf.isdigit()
+        and int(leaf) < len(node)
     )
     if not exists:
-        raise ConfigError(f"config key {key!r} does not exist; see the config's "
-                          f"defaults in hierarchy/config.py for the accepted keys")
+        raise ConfigError(
+            f"config key {key!r} does not exist; see the config's "
+            f"defaults in hierarchy/config.py for the accepted keys"
+        )
     try:
         OmegaConf.update(config, key, value, merge=True)
     except OmegaConfBaseException as error:
@@ -182,8 +187,11 @@ def validate(config: Config) -> None:
         fail("levels", [], "a list of at least one level")
     for k, level in enumerate(config.levels):
         if level.rule.kind not in RULES and level.rule.kind not in BASELINES:
-            fail(f"levels.{k}.rule.kind", level.rule.kind,
-                 f"one of {sorted(RULES) + sorted(BASELINES)}")
+            fail(
+                f"levels.{k}.rule.kind",
+                level.rule.kind,
+                f"one of {sorted(RULES) + sorted(BASELINES)}",
+            )
         if level.mode not in MODES:
             fail(f"levels.{k}.mode", level.mode, f"one of {list(MODES)}")
         if level.horizon < 1:
@@ -191,8 +199,11 @@ def validate(config: Config) -> None:
 
     meta, top = config.meta, config.levels[-1]
     if not 1 <= meta.truncation <= top.horizon:
-        fail("meta.truncation", meta.truncation,
-             f"an integer from 1 to the top level's horizon ({top.horizon})")
+        fail(
+            "meta.truncation",
+            meta.truncation,
+            f"an integer from 1 to the top level's horizon ({top.horizon})",
+        )
     for key in ("epochs", "meta_batch", "val_every", "val_tasks"):
         if getattr(meta, key) < 1:
             fail(f"meta.{key}", getattr(meta, key), "a positive integer")
@@ -206,5 +217,8 @@ def validate(config: Config) -> None:
         fail("wandb.mode", config.wandb.mode, "'offline', 'disabled' or 'online'")
     for step in config.eval.report_steps:
         if not 0 <= step <= max(config.eval.horizons):
-            fail("eval.report_steps", step,
-                 f"steps between 0 and the longest horizon {max(config.eval.horizons)}")
+            fail(
+                "eval.report_steps",
+                step,
+                f"steps between 0 and the longest horizon {max(config.eval.horizons)}",
+            )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from hierarchy.level import Problem
 from hierarchy.rules import UpdateRule
@@ -25,15 +26,19 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def trajectory(rule: UpdateRule, problem: Problem, steps: int) -> Tensor:
+def trajectory(
+    rule: UpdateRule, problem: Problem, steps: int, desc: str | None = None
+) -> Tensor:
     """Losses of ``rule`` optimising ``problem``: shape (steps + 1, B), step 0 first.
 
-    The rule's weights are detached, so no graph is kept beyond one step.
+    The rule's weights are detached, so no graph is kept beyond one step. With a
+    ``desc`` a progress bar is shown on a terminal.
     """
     carry = start(problem, rule, "first_order")
     theta = rule.theta.detach().to(carry.params.device)
     losses = [carry.loss]
-    for _ in range(steps):
+    quiet = True if desc is None else None  # None: a bar only on a terminal
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=quiet):
         _, carry = unroll(rule, theta, problem, carry, 1, "first_order")
         losses.append(carry.loss)
     return torch.stack(losses).cpu()
@@ -53,12 +58,15 @@ def format_table(
     curves: Mapping[str, Tensor], steps: Sequence[int], lrs: Mapping[str, float]
 ) -> str:
     """A plain-text table: one row per optimiser, mean +- s.e. at each step."""
-    header = f"{'optimiser':<12}{'lr':>9}" + "".join(f"{'step ' + str(s):>22}" for s in steps)
+    header = f"{'optimiser':<12}{'lr':>9}" + "".join(
+        f"{'step ' + str(s):>22}" for s in steps
+    )
     lines = [header, "-" * len(header)]
     for name, curve in curves.items():
         lr = f"{lrs[name]:.3g}" if name in lrs else "-"
         cells = "".join(
-            f"{mean:>13.4g} +- {sem:<5.2g}" for mean, sem in summarise(curve, steps).values()
+            f"{mean:>13.4g} +- {sem:<5.2g}"
+            for mean, sem in summarise(curve, steps).values()
         )
         lines.append(f"{name:<12}{lr:>9}{cells}")
     return "\n".join(lines)

@@ -18,7 +18,13 @@ from omegaconf import OmegaConf
 
 from hierarchy.baselines import BASELINES, tune_learning_rate
 from hierarchy.config import Config, ConfigError, RuleConfig, TaskConfig
-from hierarchy.evaluate import format_table, plot_curves, summarise, trajectory, write_json
+from hierarchy.evaluate import (
+    format_table,
+    plot_curves,
+    summarise,
+    trajectory,
+    write_json,
+)
 from hierarchy.level import Level, Task, build_stack
 from hierarchy.logging import Tracker, setup_logging
 from hierarchy.rules import RULES, UpdateRule
@@ -34,8 +40,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key 'device' = {name!r}: CUDA is not available "
-                          f"here; use 'auto' or 'cpu'")
+        raise ConfigError(
+            f"config key 'device' = {name!r}: CUDA is not available "
+            f"here; use 'auto' or 'cpu'"
+        )
     return device
 
 
@@ -58,22 +66,32 @@ def build_task(config: TaskConfig, device: torch.device) -> Task:
 
         data = _mnist(config.data_root, config.data_source)
         task = MNISTTask(
-            data.train_images, data.train_labels, data.test_images, data.test_labels,
-            hidden=tuple(config.hidden), activation=config.activation,
+            data.train_images,
+            data.train_labels,
+            data.test_images,
+            data.test_labels,
+            hidden=tuple(config.hidden),
+            activation=config.activation,
             batch_size=config.batch_size,
         )
         return task.to(device)
 
-    raise ConfigError(f"config key 'task.name' = {config.name!r}: expected one of "
-                      f"['mnist', 'quadratic']")
+    raise ConfigError(
+        f"config key 'task.name' = {config.name!r}: expected one of "
+        f"['mnist', 'quadratic']"
+    )
 
 
 def build_rule(config: RuleConfig) -> UpdateRule:
     """A learned rule (``lstm``, ``mlp``) or a hand-designed one (a baseline name)."""
     if config.kind in BASELINES:
         return BASELINES[config.kind](config.lr)
-    common = dict(hidden_size=config.hidden_size, num_layers=config.num_layers,
-                  out_scale=config.out_scale, preprocess_p=config.preprocess_p)
+    common = dict(
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        out_scale=config.out_scale,
+        preprocess_p=config.preprocess_p,
+    )
     if config.kind == "mlp":
         return RULES["mlp"](**common, momenta=tuple(config.momenta))
     return RULES[config.kind](**common)
@@ -86,7 +104,9 @@ def build(config: Config) -> tuple[Level, torch.device]:
     task = build_task(config.task, device)
     rules = [build_rule(level.rule).to(device) for level in config.levels]
     top = build_stack(
-        task, rules, [level.horizon for level in config.levels],
+        task,
+        rules,
+        [level.horizon for level in config.levels],
         [level.mode for level in config.levels],
     )
     return top, device
@@ -105,8 +125,9 @@ def optimisee_rule(top: Level, seed: int) -> tuple[UpdateRule, torch.Tensor]:
     while isinstance(level.below, Level):
         problem = level.below.sample(1, generator, "train", level.horizon)
         carry = start(problem, level.rule, level.mode)
-        _, carry = unroll(level.rule, theta, problem, carry, level.horizon,
-                          "first_order")
+        _, carry = unroll(
+            level.rule, theta, problem, carry, level.horizon, "first_order"
+        )
         level, theta = level.below, carry.params[0].detach()
     return level.rule, theta
 
@@ -119,7 +140,11 @@ def load_rule_weights(top: Level, path: Path) -> None:
 
 
 def evaluate_task(
-    config: Config, task: Task, rule: UpdateRule, theta: torch.Tensor, name: str,
+    config: Config,
+    task: Task,
+    rule: UpdateRule,
+    theta: torch.Tensor,
+    name: str,
     run_dir: Path,
 ) -> dict:
     """Tune the baselines on train problems and compare on held-out test problems.
@@ -131,30 +156,47 @@ def evaluate_task(
     generator = torch.Generator().manual_seed(config.seed + 3)
     problem = task.sample(config.eval.tasks, generator, "test", longest)
     start_time = time.perf_counter()
-    learned = trajectory(_fixed(rule, theta), problem, longest)
-    logger.info("%s: learned rule ran %d steps on %d held-out problems in %.1fs",
-                name, longest, config.eval.tasks, time.perf_counter() - start_time)
+    learned = trajectory(
+        _fixed(rule, theta), problem, longest, desc=f"evaluate learned on {name}"
+    )
+    logger.info(
+        "%s: learned rule ran %d steps on %d held-out problems in %.1fs",
+        name,
+        longest,
+        config.eval.tasks,
+        time.perf_counter() - start_time,
+    )
 
     results = {}
     for horizon in config.eval.horizons:
         curves, lrs, scores = {"learned": learned[: horizon + 1]}, {}, {}
         for baseline in config.eval.baselines:
             tuned, scores[baseline] = tune_learning_rate(
-                baseline, task, config.eval.lr_grid, horizon, config.eval.tune_tasks,
+                baseline,
+                task,
+                config.eval.lr_grid,
+                horizon,
+                config.eval.tune_tasks,
                 seed=config.seed + 2,
             )
             lrs[baseline] = tuned.lr
             curves[baseline] = trajectory(tuned.to(theta.device), problem, horizon)
 
-        steps = sorted({s for s in config.eval.report_steps if s <= horizon} | {horizon})
+        steps = sorted(
+            {s for s in config.eval.report_steps if s <= horizon} | {horizon}
+        )
         table = format_table(curves, steps, lrs)
         key = f"{name}_T{horizon}"
         (run_dir / f"table_{key}.txt").write_text(table + "\n")
         plot_path = run_dir / f"curves_{key}.png"
-        plot_curves(curves, plot_path, f"{name}, {horizon} steps, "
-                    f"{config.eval.tasks} held-out problems")
-        logger.info("%s, horizon %d: baselines tuned and run; plot %s", name, horizon,
-                    plot_path)
+        plot_curves(
+            curves,
+            plot_path,
+            f"{name}, {horizon} steps, {config.eval.tasks} held-out problems",
+        )
+        logger.info(
+            "%s, horizon %d: baselines tuned and run; plot %s", name, horizon, plot_path
+        )
 
         results[key] = {
             "task": name,
@@ -163,12 +205,16 @@ def evaluate_task(
             "table": table,
             "plot": str(plot_path),
             "learning_rates": lrs,
-            "tuning_scores": {b: {str(k): v for k, v in s.items()}
-                              for b, s in scores.items()},
-            "summary": {n: {str(s): list(v) for s, v in summarise(c, steps).items()}
-                        for n, c in curves.items()},
-            "mean_curves": {n: c.double().mean(dim=1).tolist()
-                            for n, c in curves.items()},
+            "tuning_scores": {
+                b: {str(k): v for k, v in s.items()} for b, s in scores.items()
+            },
+            "summary": {
+                n: {str(s): list(v) for s, v in summarise(c, steps).items()}
+                for n, c in curves.items()
+            },
+            "mean_curves": {
+                n: c.double().mean(dim=1).tolist() for n, c in curves.items()
+            },
         }
     return results
 
@@ -192,32 +238,54 @@ def run(config: Config) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
     top, device = build(config)
-    logger.info("%d-level stack on %s: top rule %s with %d weights, optimisee of %d "
-                "parameters", top.depth, device, top.rule.kind, top.rule.num_params,
-                _optimisee_dim(top))
+    logger.info(
+        "%d-level stack on %s: top rule %s with %d weights, optimisee of %d parameters",
+        top.depth,
+        device,
+        top.rule.kind,
+        top.rule.num_params,
+        _optimisee_dim(top),
+    )
 
     tracker = Tracker(config.wandb.mode, config.wandb.project, run_dir, resolved)
     meta = config.meta
     trainer = MetaTrainer(
-        top, run_dir, optimizer=meta.optimizer, lr=meta.lr, epochs=meta.epochs,
-        meta_batch=meta.meta_batch, truncation=meta.truncation,
-        grad_clip=meta.grad_clip, val_every=meta.val_every, val_tasks=meta.val_tasks,
-        seed=config.seed, config=resolved, tracker=tracker,
+        top,
+        run_dir,
+        optimizer=meta.optimizer,
+        lr=meta.lr,
+        epochs=meta.epochs,
+        meta_batch=meta.meta_batch,
+        truncation=meta.truncation,
+        grad_clip=meta.grad_clip,
+        val_every=meta.val_every,
+        val_tasks=meta.val_tasks,
+        seed=config.seed,
+        config=resolved,
+        tracker=tracker,
     )
     if config.resume and trainer.checkpoint_path.exists():
         trainer.load()
     start_time = time.perf_counter()
     history = trainer.train()
     train_seconds = time.perf_counter() - start_time
-    logger.info("meta-training took %.1fs; best validation %.4g at epoch %d",
-                train_seconds, history.best_val, history.best_epoch)
+    logger.info(
+        "meta-training took %.1fs; best validation %.4g at epoch %d",
+        train_seconds,
+        history.best_val,
+        history.best_epoch,
+    )
 
     if trainer.best_path.exists():
         load_rule_weights(top, trainer.best_path)
     rule, theta = optimisee_rule(top, config.seed + 4)
 
-    results = {"config": resolved, "meta_train_seconds": train_seconds,
-               "history": asdict(history), "evaluations": {}}
+    results = {
+        "config": resolved,
+        "meta_train_seconds": train_seconds,
+        "history": asdict(history),
+        "evaluations": {},
+    }
     variations = [("default", config.task)] + [
         (v.name, _override(config.task, v.task)) for v in config.eval.variations
     ]

@@ -127,8 +127,9 @@ class LevelProblem(Problem):
         return self.level.meta_loss(params, self.batch_size, self.generator, self.split)
 
 
-def build_stack(task: Task, rules: list[UpdateRule], horizons: list[int],
-                modes: list[str]) -> Level:
+def build_stack(
+    task: Task, rules: list[UpdateRule], horizons: list[int], modes: list[str]
+) -> Level:
     """Stack ``rules`` on ``task``: rules[0] trains the optimisee, rules[-1] is top.
 
     ``horizons[k]`` is the unroll length of the level that rules[k] optimises.

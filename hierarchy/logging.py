@@ -35,8 +35,12 @@ class Tracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            mode=mode, project=project, dir=str(run_dir), config=config,
-            name=run_dir.name, reinit="finish_previous",
+            mode=mode,
+            project=project,
+            dir=str(run_dir),
+            config=config,
+            name=run_dir.name,
+            reinit="finish_previous",
         )
         logger.info("wandb %s run in %s", mode, run_dir / "wandb")
 

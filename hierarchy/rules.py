@@ -86,7 +86,9 @@ class UpdateRule(nn.Module, ABC):
         """Fresh recurrent state for a batch of parameters of shape (B, D)."""
 
     @abstractmethod
-    def update(self, theta: Tensor, grad: Tensor, state: State) -> tuple[Updates, State]:
+    def update(
+        self, theta: Tensor, grad: Tensor, state: State
+    ) -> tuple[Updates, State]:
         """Propose updates for every coordinate of ``grad`` (B, D) at weights theta."""
 
     def forward(self, grad: Tensor, state: State) -> tuple[Updates, State]:
@@ -150,7 +152,9 @@ class LSTMRule(UpdateRule):
         zeros = params.new_zeros(*params.shape, self.hidden_size)
         return tuple(zeros.clone() for _ in range(2 * self.num_layers))
 
-    def update(self, theta: Tensor, grad: Tensor, state: State) -> tuple[Updates, State]:
+    def update(
+        self, theta: Tensor, grad: Tensor, state: State
+    ) -> tuple[Updates, State]:
         weights = self.unflatten(theta)
         x = preprocess(grad, self.preprocess_p)
         new_state: list[Tensor] = []
@@ -225,7 +229,9 @@ class MLPRule(UpdateRule):
     def init_state(self, params: Params) -> State:
         return tuple(torch.zeros_like(params) for _ in self.momenta)
 
-    def update(self, theta: Tensor, grad: Tensor, state: State) -> tuple[Updates, State]:
+    def update(
+        self, theta: Tensor, grad: Tensor, state: State
+    ) -> tuple[Updates, State]:
         weights = self.unflatten(theta)
         averages = tuple(
             decay * m + (1.0 - decay) * grad for decay, m in zip(self.momenta, state)

@@ -119,7 +119,9 @@ class MetaTrainer:
     def train_epoch(self) -> float:
         """One unroll of a fresh meta-batch; returns its mean loss per step."""
         top = self.top
-        problem = top.below.sample(self.meta_batch, self.generator, "train", top.horizon)
+        problem = top.below.sample(
+            self.meta_batch, self.generator, "train", top.horizon
+        )
         carry = start(problem, top.rule, top.mode)
         total = 0.0
 
@@ -149,13 +151,22 @@ class MetaTrainer:
         problem = top.below.sample(self.val_tasks, generator, "val", top.horizon)
         carry = start(problem, top.rule, top.mode)
         theta = top.rule.theta.detach()
-        meta_loss, _ = unroll(top.rule, theta, problem, carry, top.horizon, "first_order")
+        meta_loss, _ = unroll(
+            top.rule, theta, problem, carry, top.horizon, "first_order"
+        )
         return meta_loss.mean().item() / top.horizon
 
     def train(self) -> History:
         """Meta-train up to ``epochs``, validating and checkpointing as it goes."""
-        bar = tqdm(range(self.epoch, self.epochs), desc="meta-train", unit="epoch",
-                   initial=self.epoch, total=self.epochs, leave=False)
+        bar = tqdm(
+            range(self.epoch, self.epochs),
+            desc="meta-train",
+            unit="epoch",
+            initial=self.epoch,
+            total=self.epochs,
+            leave=False,
+            disable=None,
+        )
         for epoch in bar:
             train_loss = self.train_epoch()
             self.history.train_loss.append(train_loss)
@@ -169,11 +180,21 @@ class MetaTrainer:
                 self.history.val_loss.append(val_loss)
                 metrics["meta/val_loss"] = val_loss
                 if val_loss < self.history.best_val:
-                    self.history.best_val, self.history.best_epoch = val_loss, self.epoch
+                    self.history.best_val, self.history.best_epoch = (
+                        val_loss,
+                        self.epoch,
+                    )
                     save_atomic(self.rule_payload(), self.best_path)
-                logger.info("epoch %d/%d: meta-loss %.4g, validation %.4g (best %.4g "
-                            "at epoch %d)", self.epoch, self.epochs, train_loss,
-                            val_loss, self.history.best_val, self.history.best_epoch)
+                logger.info(
+                    "epoch %d/%d: meta-loss %.4g, validation %.4g (best %.4g "
+                    "at epoch %d)",
+                    self.epoch,
+                    self.epochs,
+                    train_loss,
+                    val_loss,
+                    self.history.best_val,
+                    self.history.best_epoch,
+                )
 
             self.save()
 
@@ -210,8 +231,9 @@ class MetaTrainer:
 
     def load(self) -> None:
         """Resume from the latest checkpoint in ``run_dir``."""
-        payload = torch.load(self.checkpoint_path, map_location="cpu",
-                             weights_only=True)
+        payload = torch.load(
+            self.checkpoint_path, map_location="cpu", weights_only=True
+        )
         if payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"checkpoint {self.checkpoint_path} has format "

@@ -32,7 +32,11 @@ class MLPProblem(Problem):
     """
 
     def __init__(
-        self, task: MNISTTask, x0: Tensor, images: Tensor, labels: Tensor,
+        self,
+        task: MNISTTask,
+        x0: Tensor,
+        images: Tensor,
+        labels: Tensor,
         batches: Tensor,
     ) -> None:
         self.task, self.x0 = task, x0
@@ -46,7 +50,8 @@ class MLPProblem(Problem):
         x, y = self.images[index], self.labels[index]
         logits = self.task.forward(params, x)
         per_example = F.cross_entropy(
-            rearrange(logits, "b n c -> (b n) c"), rearrange(y, "b n -> (b n)"),
+            rearrange(logits, "b n c -> (b n) c"),
+            rearrange(y, "b n -> (b n)"),
             reduction="none",
         )
         return rearrange(per_example, "(b n) -> b n", b=len(params)).mean(dim=-1)
@@ -122,8 +127,9 @@ class MNISTTask(Task):
         for fan_in, fan_out in self.layers:
             bound = 1.0 / math.sqrt(fan_in)
             size = fan_in * fan_out + fan_out
-            chunks.append((torch.rand(batch_size, size, generator=generator) * 2 - 1)
-                          * bound)
+            chunks.append(
+                (torch.rand(batch_size, size, generator=generator) * 2 - 1) * bound
+            )
         return torch.cat(chunks, dim=1)
 
     def sample(
@@ -132,7 +138,8 @@ class MNISTTask(Task):
         images, labels = self.data["test" if split == "test" else "train"]
         x0 = self.init_params(batch_size, generator)
         batches = torch.randint(
-            len(images), (horizon + 1, batch_size, self.batch_size),
+            len(images),
+            (horizon + 1, batch_size, self.batch_size),
             generator=generator,
         )
         device = images.device
