@@ -14,11 +14,12 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def run_config(config_path: str | Path, overrides: list[str]) -> int:
     """Load, meta-train, evaluate, and print each results table; returns exit code."""
     from hierarchy.experiment import run
+    from tasks.mnist_data import DataError
 
     try:
         config = load_config(config_path, overrides)
         results = run(config)
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,9 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+TASKS = ("quadratic", "mnist")
+DATA_SOURCES = ("auto", "torchvision", "embedded")
+
 
 class ConfigError(ValueError):
     """A configuration value that the framework cannot accept."""
@@ -178,6 +181,7 @@ def validate(config: Config) -> None:
     """Check values that a type alone cannot, naming the key and what is accepted."""
     from hierarchy.baselines import BASELINES
     from hierarchy.rules import RULES
+    from hierarchy.trainer import OPTIMIZERS
     from hierarchy.unroll import MODES
 
     def fail(key: str, value: object, accepted: str) -> None:
@@ -209,16 +213,70 @@ def validate(config: Config) -> None:
             fail(f"meta.{key}", getattr(meta, key), "a positive integer")
     if meta.lr <= 0:
         fail("meta.lr", meta.lr, "a positive number")
+    if meta.optimizer not in OPTIMIZERS:
+        fail("meta.optimizer", meta.optimizer, f"one of {sorted(OPTIMIZERS)}")
     if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
         fail("device", config.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
     if config.dtype not in ("float32", "float64"):
         fail("dtype", config.dtype, "'float32' or 'float64'")
     if config.wandb.mode not in ("offline", "disabled", "online"):
         fail("wandb.mode", config.wandb.mode, "'offline', 'disabled' or 'online'")
-    for step in config.eval.report_steps:
-        if not 0 <= step <= max(config.eval.horizons):
+    _validate_task(config.task, "task", fail)
+    for k, variation in enumerate(config.eval.variations):
+        _validate_task(
+            task_with_overrides(
+                config.task, variation.task, f"eval.variations.{k}.task"
+            ),
+            f"eval.variations.{k}.task",
+            fail,
+        )
+    _validate_eval(config.eval, fail)
+
+
+def _validate_task(task: TaskConfig, prefix: str, fail) -> None:
+    from tasks.mnist import ACTIVATIONS
+
+    if task.name not in TASKS:
+        fail(f"{prefix}.name", task.name, f"one of {list(TASKS)}")
+    if task.dim < 1:
+        fail(f"{prefix}.dim", task.dim, "a positive integer")
+    if task.batch_size < 1:
+        fail(f"{prefix}.batch_size", task.batch_size, "a positive integer")
+    if not task.hidden or any(size < 1 for size in task.hidden):
+        fail(f"{prefix}.hidden", task.hidden, "a non-empty list of positive sizes")
+    if task.activation not in ACTIVATIONS:
+        fail(f"{prefix}.activation", task.activation, f"one of {sorted(ACTIVATIONS)}")
+    if task.data_source not in DATA_SOURCES:
+        fail(f"{prefix}.data_source", task.data_source, f"one of {list(DATA_SOURCES)}")
+
+
+def _validate_eval(evaluation: EvalConfig, fail) -> None:
+    from hierarchy.baselines import BASELINES
+
+    if not evaluation.horizons or min(evaluation.horizons) < 1:
+        fail("eval.horizons", evaluation.horizons, "a non-empty list of positive steps")
+    for name in evaluation.baselines:
+        if name not in BASELINES:
+            fail("eval.baselines", name, f"names from {sorted(BASELINES)}")
+    if not evaluation.lr_grid or min(evaluation.lr_grid) <= 0:
+        fail("eval.lr_grid", evaluation.lr_grid, "a non-empty list of positive rates")
+    for key in ("tasks", "tune_tasks"):
+        if getattr(evaluation, key) < 1:
+            fail(f"eval.{key}", getattr(evaluation, key), "a positive integer")
+    longest = max(evaluation.horizons)
+    for step in evaluation.report_steps:
+        if not 0 <= step <= longest:
             fail(
                 "eval.report_steps",
                 step,
-                f"steps between 0 and the longest horizon {max(config.eval.horizons)}",
+                f"steps from 0 to the longest horizon {longest}",
             )
+
+
+def task_with_overrides(base: TaskConfig, changes: dict, key: str) -> TaskConfig:
+    """``base`` with a variation's overrides, which must name TaskConfig keys."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), changes)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"config key {key!r}: {str(error).splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)

@@ -17,7 +17,13 @@ import torch
 from omegaconf import OmegaConf
 
 from hierarchy.baselines import BASELINES, tune_learning_rate
-from hierarchy.config import Config, ConfigError, RuleConfig, TaskConfig
+from hierarchy.config import (
+    Config,
+    ConfigError,
+    RuleConfig,
+    TaskConfig,
+    task_with_overrides,
+)
 from hierarchy.evaluate import (
     format_table,
     plot_curves,
@@ -287,7 +293,8 @@ def run(config: Config) -> dict:
         "evaluations": {},
     }
     variations = [("default", config.task)] + [
-        (v.name, _override(config.task, v.task)) for v in config.eval.variations
+        (v.name, task_with_overrides(config.task, v.task, f"eval.variations.{k}.task"))
+        for k, v in enumerate(config.eval.variations)
     ]
     for name, task_config in variations:
         task = build_task(task_config, device)
@@ -299,14 +306,6 @@ def run(config: Config) -> dict:
     tracker.finish()
     logger.info("results written to %s", run_dir / "results.json")
     return results
-
-
-def _override(base: TaskConfig, changes: dict) -> TaskConfig:
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), changes)
-    except Exception as error:
-        raise ConfigError(f"eval.variations: {error}".splitlines()[0]) from None
-    return OmegaConf.to_object(merged)
 
 
 def _optimisee_dim(top: Level) -> int:

@@ -1,0 +1,166 @@
+"""Tests for hierarchy.config: typed loading, overrides, errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hierarchy.config import Config, ConfigError, load_config
+from hierarchy.experiment import build_task
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("meta.epochz=3", "meta.epochz"),
+        ("meta.epochs=abc", "meta.epochs"),
+        ("levels.0.mode=second", "levels.0.mode"),
+        ("meta.truncation=101", "meta.truncation"),
+        ("levels=[]", "levels"),
+        ("levels.0.rule.kind=transformer", "levels.0.rule.kind"),
+        ("levels.1.mode=higher", "levels.1.mode"),
+        ("levels.0.horizon=0", "levels.0.horizon"),
+        ("task.dim=1.5", "task.dim"),
+        ("meta.lr=-0.1", "meta.lr"),
+        ("meta.meta_batch=0", "meta.meta_batch"),
+        ("dtype=float16", "dtype"),
+        ("device=tpu", "device"),
+        ("wandb.mode=sometimes", "wandb.mode"),
+        ("eval.report_steps=[500]", "eval.report_steps"),
+    ],
+)
+def test_bad_override_names_key(override: str, key: str) -> None:
+    """Each bad value raises ConfigError whose message quotes the offending key."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert f"'{key}'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("eval.horizons=[]", "eval.horizons"),
+        ("eval.baselines=[foo]", "eval.baselines"),
+        ("eval.lr_grid=[]", "eval.lr_grid"),
+        ("eval.lr_grid=[0.0]", "eval.lr_grid"),
+        ("meta.optimizer=lbfgs", "meta.optimizer"),
+        ("task.activation=swish", "task.activation"),
+        ("task.dim=0", "task.dim"),
+        ("task.data_source=web", "task.data_source"),
+        ("eval.tune_tasks=0", "eval.tune_tasks"),
+    ],
+)
+def test_unvalidated_keys_name_key(override: str, key: str) -> None:
+    """Values a type alone cannot reject raise ConfigError naming their key."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert f"'{key}'" in str(info.value)
+
+
+def test_truncation_checked_against_overridden_horizon() -> None:
+    """truncation is compared with the top level's horizon after all overrides."""
+    config = load_config(None, ["levels.0.horizon=10", "meta.truncation=10"])
+    assert config.meta.truncation == 10
+    with pytest.raises(ConfigError, match="'meta.truncation'.*10"):
+        load_config(None, ["levels.0.horizon=10", "meta.truncation=11"])
+
+
+def test_truncation_checked_against_top_level() -> None:
+    """With several levels the truncation is bounded by the top level's horizon."""
+    levels = "levels=[{horizon: 50}, {horizon: 5, rule: {kind: mlp}}]"
+    config = load_config(None, [levels, "meta.truncation=5"])
+    assert [level.horizon for level in config.levels] == [50, 5]
+    assert config.levels[1].rule.kind == "mlp" and config.levels[0].rule.kind == "lstm"
+    with pytest.raises(ConfigError, match="'meta.truncation'"):
+        load_config(None, [levels, "meta.truncation=10"])
+
+
+def test_malformed_override_is_refused() -> None:
+    """An override without '=' is a ConfigError that shows the expected form."""
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["meta.epochs"])
+
+
+def test_unknown_task_name_raises_at_load_and_at_build() -> None:
+    """An unknown task name is refused by load_config and by build_task."""
+    with pytest.raises(ConfigError, match="'task.name'.*imagenet"):
+        load_config(None, ["task.name=imagenet"])
+    config = load_config(None)
+    config.task.name = "imagenet"
+    with pytest.raises(ConfigError, match="'task.name'.*imagenet"):
+        build_task(config.task, torch.device("cpu"))
+
+
+def test_yaml_unknown_and_mistyped_keys_name_key(tmp_path: Path) -> None:
+    """Errors coming from the YAML file itself also name the full key."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("meta:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="meta.epochz"):
+        load_config(path)
+    path.write_text("meta:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match="meta.epochs"):
+        load_config(path)
+
+
+def test_missing_file_is_config_error(tmp_path: Path) -> None:
+    """A config path that does not exist is reported as a ConfigError."""
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_load(path: Path) -> None:
+    """Every config in configs/ loads and validates into a typed Config."""
+    config = load_config(path)
+    assert isinstance(config, Config)
+    assert config.name == path.stem
+    assert config.run_dir == f"runs/{path.stem}"
+    assert config.levels and config.meta.truncation <= config.levels[-1].horizon
+
+
+def test_shipped_configs_exist() -> None:
+    """The quadratic and MNIST configs are both shipped."""
+    names = {p.stem for p in CONFIGS.glob("*.yaml")}
+    assert {"two_level_quadratic", "two_level_mnist"} <= names
+
+
+def test_overrides_apply_with_types(tmp_path: Path) -> None:
+    """Overrides land typed, list items are addressable, and defaults stay."""
+    config = load_config(
+        CONFIGS / "two_level_quadratic.yaml",
+        [
+            "meta.epochs=7",
+            "levels.0.mode=higher",
+            "eval.horizons=[5, 200]",
+            "levels.0.rule.momenta=[0.5]",
+            "meta.grad_clip=1.5",
+            "task.data_root=null",
+            f"run_dir={tmp_path}",
+        ],
+    )
+    assert config.meta.epochs == 7 and isinstance(config.meta.epochs, int)
+    assert config.levels[0].mode == "higher"
+    assert config.eval.horizons == [5, 200]
+    assert config.levels[0].rule.momenta == [0.5]
+    assert config.meta.grad_clip == 1.5
+    assert config.task.data_root is None
+    assert config.run_dir == str(tmp_path)
+    assert config.meta.lr == 0.003  # from the file, untouched
+
+
+def test_run_dir_interpolates_name() -> None:
+    """The default run_dir follows the experiment name."""
+    assert load_config(None, ["name=abc"]).run_dir == "runs/abc"
+
+
+def test_defaults_are_the_papers() -> None:
+    """Without a file, the defaults are a two-level LSTM setup on quadratics."""
+    config = load_config()
+    assert config.task.name == "quadratic" and config.task.dim == 10
+    assert len(config.levels) == 1 and config.levels[0].rule.kind == "lstm"
+    assert config.levels[0].rule.hidden_size == 20
+    assert config.levels[0].rule.num_layers == 2

@@ -1,0 +1,287 @@
+"""Tests for hierarchy.trainer: determinism, truncation, checkpoints and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import hierarchy.trainer as trainer_module
+from hierarchy.config import Config
+from hierarchy.experiment import build
+from hierarchy.level import Level
+from hierarchy.rules import MLPRule
+from hierarchy.trainer import MetaTrainer, save_atomic
+from hierarchy.unroll import start, unroll
+from tasks.quadratic import QuadraticTask
+
+
+def _trainer(config: Config, run_dir: Path, **changes) -> MetaTrainer:
+    """The stack of ``config`` and a MetaTrainer set up as experiment.run does."""
+    top, _ = build(config)
+    meta = config.meta
+    options = dict(
+        optimizer=meta.optimizer,
+        lr=meta.lr,
+        epochs=meta.epochs,
+        meta_batch=meta.meta_batch,
+        truncation=meta.truncation,
+        grad_clip=meta.grad_clip,
+        val_every=meta.val_every,
+        val_tasks=meta.val_tasks,
+        seed=config.seed,
+    )
+    options.update(changes)
+    return MetaTrainer(top, run_dir, **options)
+
+
+def _theta(trainer: MetaTrainer) -> torch.Tensor:
+    return trainer.top.rule.theta.detach().clone()
+
+
+def test_same_seed_bit_identical(tiny_config, tmp_path: Path) -> None:
+    """Two trainings with one seed give identical theta and losses; others differ."""
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        config = tiny_config(f"seed={seed}")
+        trainer = _trainer(config, tmp_path / name)
+        history = trainer.train()
+        runs[name] = (_theta(trainer), history.train_loss, history.val_loss)
+
+    assert len(runs["a"][1]) == 3
+    assert torch.equal(runs["a"][0], runs["b"][0])
+    assert runs["a"][1] == runs["b"][1] and runs["a"][2] == runs["b"][2]
+    assert not torch.equal(runs["a"][0], runs["c"][0])
+    assert runs["a"][1] != runs["c"][1]
+
+
+def test_training_changes_theta_and_records_history(tiny_config, tmp_path) -> None:
+    """Training moves theta, logs one loss per epoch and validates on schedule."""
+    trainer = _trainer(tiny_config("meta.epochs=4"), tmp_path)
+    before = _theta(trainer)
+    history = trainer.train()
+    assert not torch.equal(before, _theta(trainer))
+    assert len(history.train_loss) == 4 and trainer.epoch == 4
+    assert history.val_epochs == [2, 4]
+    assert history.best_val == min(history.val_loss)
+    assert (
+        history.best_epoch
+        == history.val_epochs[history.val_loss.index(history.best_val)]
+    )
+
+
+def test_validation_uses_fixed_problems(tiny_config, tmp_path: Path) -> None:
+    """validate() is repeatable and does not advance the training stream."""
+    trainer = _trainer(tiny_config(), tmp_path)
+    state = trainer.generator.get_state()
+    first = trainer.validate()
+    assert trainer.validate() == first
+    assert torch.equal(trainer.generator.get_state(), state)
+    assert first > 0
+
+
+def test_checkpoints_written_atomically(tiny_config, tmp_path: Path) -> None:
+    """After training there are checkpoint.pt and best.pt and no *.tmp files."""
+    trainer = _trainer(tiny_config(), tmp_path)
+    trainer.train()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best.pt", "checkpoint.pt"]
+    payload = torch.load(trainer.checkpoint_path, weights_only=True)
+    assert payload["epoch"] == 3
+    assert torch.equal(payload["rule"]["theta"], _theta(trainer))
+    best = torch.load(trainer.best_path, weights_only=True)
+    assert best["kind"] == "lstm" and best["epoch"] == trainer.history.best_epoch
+
+
+def test_save_atomic_keeps_old_file_on_failure(tmp_path: Path, monkeypatch) -> None:
+    """If writing fails midway, the previous checkpoint is still intact."""
+    path = tmp_path / "checkpoint.pt"
+    save_atomic({"value": torch.tensor([1.0])}, path)
+
+    def broken_save(payload, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer_module.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"value": torch.tensor([2.0])}, path)
+    monkeypatch.undo()
+    assert torch.equal(
+        torch.load(path, weights_only=True)["value"], torch.tensor([1.0])
+    )
+
+
+def test_resume_matches_uninterrupted_run(tiny_config, tmp_path: Path) -> None:
+    """4 epochs in one go equal 2 epochs, then load() in a new trainer, then 2 more."""
+    config = tiny_config("meta.epochs=4")
+    straight = _trainer(config, tmp_path / "straight")
+    straight.train()
+
+    first = _trainer(config, tmp_path / "resumed", epochs=2)
+    first.train()
+    second = _trainer(config, tmp_path / "resumed")
+    assert not torch.equal(_theta(second), _theta(first))  # fresh weights first
+    second.load()
+    assert second.epoch == 2 and torch.equal(_theta(second), _theta(first))
+    history = second.train()
+
+    assert torch.equal(_theta(second), _theta(straight))
+    assert history.train_loss == straight.history.train_loss
+    assert history.val_loss == straight.history.val_loss
+    assert second.epoch == 4
+
+
+def test_load_refuses_other_rule_kind(tiny_config, tmp_path: Path) -> None:
+    """A checkpoint of an lstm rule is refused by an mlp trainer, naming both."""
+    _trainer(tiny_config("meta.epochs=1"), tmp_path).train()
+    other = _trainer(tiny_config("levels.0.rule.kind=mlp"), tmp_path)
+    before = _theta(other)
+    with pytest.raises(ValueError) as info:
+        other.load()
+    assert "'lstm'" in str(info.value) and "'mlp'" in str(info.value)
+    assert torch.equal(_theta(other), before)
+
+
+def test_load_refuses_other_kind_of_equal_size(tiny_config, tmp_path) -> None:
+    """The kind is checked on its own: an mlp with as many weights is refused."""
+    _trainer(tiny_config("meta.epochs=1"), tmp_path).train()
+    other = _trainer(
+        tiny_config(
+            "levels.0.rule.kind=mlp",
+            "levels.0.rule.momenta=[]",
+            "levels.0.rule.hidden_size=29",
+        ),
+        tmp_path,
+    )
+    assert (
+        other.top.rule.num_params
+        == 117
+        == torch.load(tmp_path / "checkpoint.pt", weights_only=True)["rule"][
+            "theta"
+        ].numel()
+    )
+    with pytest.raises(ValueError, match="'lstm'.*'mlp'"):
+        other.load()
+
+
+def test_load_refuses_other_rule_size(tiny_config, tmp_path: Path) -> None:
+    """Same kind but a different number of weights is refused too."""
+    _trainer(tiny_config("meta.epochs=1"), tmp_path).train()
+    other = _trainer(tiny_config("levels.0.rule.hidden_size=5"), tmp_path)
+    with pytest.raises(ValueError, match=str(other.top.rule.num_params)):
+        other.load()
+
+
+def test_load_refuses_other_format(tiny_config, tmp_path: Path) -> None:
+    """A checkpoint of another format version is refused."""
+    trainer = _trainer(tiny_config("meta.epochs=1"), tmp_path)
+    trainer.train()
+    payload = torch.load(trainer.checkpoint_path, weights_only=True)
+    payload["format"] = 99
+    torch.save(payload, trainer.checkpoint_path)
+    with pytest.raises(ValueError, match="format"):
+        trainer.load()
+
+
+class _CountingStep:
+    """Wraps an optimizer's step and counts the calls."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.step, self.calls = optimizer.step, 0
+        optimizer.step = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.step(*args, **kwargs)
+
+
+@pytest.mark.parametrize("truncation, steps", [(5, 2), (4, 3), (10, 1), (1, 10)])
+def test_one_optimizer_step_per_segment(tiny_config, tmp_path, truncation, steps):
+    """Horizon 10 in segments of `truncation` takes ceil(10 / truncation) steps."""
+    trainer = _trainer(tiny_config(f"meta.truncation={truncation}"), tmp_path)
+    counter = _CountingStep(trainer.optimizer)
+    trainer.train_epoch()
+    assert counter.calls == steps
+    trainer.train_epoch()
+    assert counter.calls == 2 * steps
+
+
+def test_segments_start_from_detached_carry(tiny_config, tmp_path, monkeypatch):
+    """Every segment starts from a carry with no graph, at the right step."""
+    trainer = _trainer(tiny_config("meta.truncation=4"), tmp_path)
+    seen = []
+
+    def spy(rule, theta, problem, carry, steps, mode):
+        seen.append((carry.step, steps, [carry.params, carry.grad, *carry.state]))
+        return unroll(rule, theta, problem, carry, steps, mode)
+
+    monkeypatch.setattr(trainer_module, "unroll", spy)
+    trainer.train_epoch()
+    assert [(step, steps) for step, steps, _ in seen] == [(0, 4), (4, 4), (8, 2)]
+    for _, _, tensors in seen:
+        assert all(t.grad_fn is None for t in tensors)
+
+
+def test_gradient_comes_from_last_segment_only(tiny_config, tmp_path) -> None:
+    """theta.grad after an epoch is the last segment's gradient from a cut carry."""
+    config = tiny_config()
+    trainer = _trainer(config, tmp_path, optimizer="sgd", lr=0.0)
+    theta = _theta(trainer)
+    trainer.train_epoch()
+    assert torch.equal(_theta(trainer), theta)  # lr 0: theta unchanged
+
+    top = trainer.top
+    generator = torch.Generator().manual_seed(config.seed)
+    problem = top.below.sample(config.meta.meta_batch, generator, "train", 10)
+    carry = start(problem, top.rule, top.mode)
+    with torch.no_grad():
+        _, carry = unroll(top.rule, theta, problem, carry, 5, top.mode)
+    leaf = theta.clone().requires_grad_(True)
+    loss, _ = unroll(top.rule, leaf, problem, carry.detach(), 5, top.mode)
+    loss.mean().backward()
+    torch.testing.assert_close(top.rule.theta.grad, leaf.grad)
+
+    # Backpropagating through both segments would give a different gradient.
+    whole = theta.clone().requires_grad_(True)
+    problem = top.below.sample(
+        config.meta.meta_batch, torch.Generator().manual_seed(config.seed), "train", 10
+    )
+    _, mid = unroll(
+        top.rule, whole, problem, start(problem, top.rule, top.mode), 5, top.mode
+    )
+    loss, _ = unroll(top.rule, whole, problem, mid, 5, top.mode)
+    loss.mean().backward()
+    assert not torch.allclose(whole.grad, leaf.grad)
+
+
+def test_grad_clip_bounds_update(tmp_path: Path) -> None:
+    """With grad_clip, the meta-gradient norm at each step is at most the clip."""
+    torch.manual_seed(0)
+    top = Level(
+        MLPRule(hidden_size=3, num_layers=1), QuadraticTask(3), 4, "first_order"
+    )
+    trainer = MetaTrainer(
+        top,
+        tmp_path,
+        optimizer="sgd",
+        lr=1.0,
+        meta_batch=2,
+        truncation=4,
+        grad_clip=1e-3,
+        seed=0,
+    )
+    theta = _theta(trainer)
+    trainer.train_epoch()
+    assert top.rule.theta.grad.norm().item() == pytest.approx(1e-3, rel=1e-4)
+    assert (_theta(trainer) - theta).norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_trainer_rejects_bad_options(tmp_path: Path) -> None:
+    """Unknown optimizer names and truncations outside 1..horizon are refused."""
+    top = Level(MLPRule(hidden_size=3), QuadraticTask(2), 5, "first_order")
+    with pytest.raises(ValueError, match="lbfgs"):
+        MetaTrainer(top, tmp_path, optimizer="lbfgs")
+    for truncation in (0, 6):
+        with pytest.raises(ValueError, match="truncation"):
+            MetaTrainer(top, tmp_path, truncation=truncation)
