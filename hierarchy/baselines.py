@@ -147,5 +147,13 @@ def tune_learning_rate(
         scores[lr] = final if math.isfinite(final) else math.inf
 
     best = min(scores, key=scores.__getitem__)
+    if len(grid) > 1 and best in (min(grid), max(grid)):
+        logger.warning(
+            "%s: the best learning rate %.3g is at the edge of the grid "
+            "%s; widen eval.lr_grid",
+            name,
+            best,
+            list(grid),
+        )
     logger.debug("tuned %s: lr %.3g (scores %s)", name, best, scores)
     return BASELINES[name](best), scores
