@@ -110,7 +110,6 @@ class Config:
     name: str = "experiment"
     seed: int = 0
     device: str = "auto"
-    dtype: str = "float32"
     run_dir: str = "runs/${name}"
     resume: bool = False
     log_level: str = "INFO"
@@ -217,8 +216,6 @@ def validate(config: Config) -> None:
         fail("meta.optimizer", meta.optimizer, f"one of {sorted(OPTIMIZERS)}")
     if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
         fail("device", config.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if config.dtype not in ("float32", "float64"):
-        fail("dtype", config.dtype, "'float32' or 'float64'")
     if config.wandb.mode not in ("offline", "disabled", "online"):
         fail("wandb.mode", config.wandb.mode, "'offline', 'disabled' or 'online'")
     _validate_task(config.task, "task", fail)
