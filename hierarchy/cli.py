@@ -34,15 +34,34 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
     return 0
 
 
+def print_report(path: Path) -> int:
+    """Print the Markdown summary of a run's results at each evaluated horizon."""
+    import json
+
+    from hierarchy.evaluate import markdown_summary
+
+    if not path.is_file():
+        print(f"error: results file {str(path)!r} does not exist", file=sys.stderr)
+        return 2
+    evaluations = json.loads(path.read_text())["evaluations"]
+    horizons = sorted({e["horizon"] for e in evaluations.values()})
+    print(markdown_summary(evaluations, horizons))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``hierarchy train CONFIG [key=value ...]``."""
+    """``hierarchy train CONFIG [key=value ...]`` or ``hierarchy report RESULTS``."""
     parser = argparse.ArgumentParser(prog="hierarchy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="meta-train and evaluate a config")
     train.add_argument("config", help="a YAML file, or the name of one in configs/")
     train.add_argument("overrides", nargs="*", help="key=value, e.g. meta.epochs=50")
+    report = commands.add_parser("report", help="Markdown table of a results.json")
+    report.add_argument("results", help="a results.json written by a run")
     args = parser.parse_args(argv)
 
+    if args.command == "report":
+        return print_report(Path(args.results))
     config = Path(args.config)
     if not config.exists() and (CONFIGS / f"{args.config}.yaml").exists():
         config = CONFIGS / f"{args.config}.yaml"

@@ -72,6 +72,30 @@ def format_table(
     return "\n".join(lines)
 
 
+def markdown_summary(evaluations: Mapping[str, dict], steps: Sequence[int]) -> str:
+    """A Markdown table of ``results.json`` evaluations: one row per task and step.
+
+    Each cell is mean +- standard error; the lowest mean of each row is in bold.
+    """
+    rows, names = [], None
+    for evaluation in evaluations.values():
+        summary = evaluation["summary"]
+        names = names or list(summary)
+        for step in steps:
+            if str(step) not in summary[names[0]] or step != evaluation["horizon"]:
+                continue
+            cells = {n: summary[n][str(step)] for n in names}
+            best = min(cells, key=lambda n: cells[n][0])
+            text = [
+                f"**{m:.4g} ± {e:.2g}**" if n == best else f"{m:.4g} ± {e:.2g}"
+                for n, (m, e) in cells.items()
+            ]
+            rows.append(f"| {evaluation['task']} | {step} | " + " | ".join(text) + " |")
+    header = "| task | step | " + " | ".join(names or []) + " |"
+    rule = "|---|---|" + "---|" * len(names or [])
+    return "\n".join([header, rule, *rows])
+
+
 def plot_curves(curves: Mapping[str, Tensor], path: Path, title: str) -> None:
     """Mean loss per step with a standard-error band, log scale, saved as PNG."""
     import matplotlib

@@ -247,3 +247,28 @@ def test_cli_runs_tiny_config(tiny_overrides, tmp_path: Path, capsys) -> None:
     results = tmp_path / "run" / "results.json"
     assert "learned" in out and str(results) in out
     assert results.exists()
+
+
+def test_report_prints_markdown_with_the_best_in_bold(tmp_path, capsys) -> None:
+    """`hierarchy report` renders each horizon's row and bolds the lowest mean."""
+    import json
+
+    from hierarchy.cli import main
+
+    evaluations = {
+        "default_T10": {
+            "task": "default",
+            "horizon": 10,
+            "summary": {
+                "learned": {"5": [9.0, 0.1], "10": [0.5, 0.01]},
+                "adam": {"5": [1.0, 0.1], "10": [0.7, 0.02]},
+            },
+        }
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"evaluations": evaluations}))
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| default | 10 | **0.5 ± 0.01** | 0.7 ± 0.02 |" in out
+    assert "| 5 |" not in out
+    assert main(["report", str(tmp_path / "missing.json")]) == 2
