@@ -14,13 +14,17 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def run_config(config_path: str | Path, overrides: list[str]) -> int:
     """Load, meta-train, evaluate, and print each results table; returns exit code."""
     from hierarchy.experiment import run
+    from hierarchy.trainer import CheckpointError
     from tasks.mnist_data import DataError
 
     try:
         config = load_config(config_path, overrides)
         results = run(config)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: cannot write the run folder: {error}", file=sys.stderr)
         return 2
 
     for key, evaluation in results["evaluations"].items():

@@ -7,6 +7,7 @@ unknown key or a value of the wrong type raises ``ConfigError`` naming the key.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -128,7 +129,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
-            config = OmegaConf.merge(config, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as error:
+                message = str(error).replace("\n", " ")
+                raise ConfigError(
+                    f"config file {str(path)!r} is not valid YAML: {message}"
+                ) from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(
+                    f"config file {str(path)!r} must hold a mapping of "
+                    f"keys at its top level, not a list or a value"
+                )
+            config = OmegaConf.merge(config, loaded)
         for override in overrides:
             _apply(config, override)
         resolved = OmegaConf.to_object(config)
@@ -199,6 +212,20 @@ def validate(config: Config) -> None:
             fail(f"levels.{k}.mode", level.mode, f"one of {list(MODES)}")
         if level.horizon < 1:
             fail(f"levels.{k}.horizon", level.horizon, "a positive integer")
+        for key in ("hidden_size", "num_layers"):
+            if getattr(level.rule, key) < 1:
+                fail(
+                    f"levels.{k}.rule.{key}",
+                    getattr(level.rule, key),
+                    "a positive integer",
+                )
+        for key in ("out_scale", "preprocess_p", "lr"):
+            if not getattr(level.rule, key) > 0:
+                fail(
+                    f"levels.{k}.rule.{key}",
+                    getattr(level.rule, key),
+                    "a positive number",
+                )
 
     meta, top = config.meta, config.levels[-1]
     if not 1 <= meta.truncation <= top.horizon:
@@ -210,12 +237,16 @@ def validate(config: Config) -> None:
     for key in ("epochs", "meta_batch", "val_every", "val_tasks"):
         if getattr(meta, key) < 1:
             fail(f"meta.{key}", getattr(meta, key), "a positive integer")
-    if meta.lr <= 0:
+    if not meta.lr > 0:
         fail("meta.lr", meta.lr, "a positive number")
+    if meta.grad_clip is not None and not meta.grad_clip > 0:
+        fail("meta.grad_clip", meta.grad_clip, "a positive norm, or null for none")
     if meta.optimizer not in OPTIMIZERS:
         fail("meta.optimizer", meta.optimizer, f"one of {sorted(OPTIMIZERS)}")
-    if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device):
         fail("device", config.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        fail("log_level", config.log_level, "'DEBUG', 'INFO', 'WARNING' or 'ERROR'")
     if config.wandb.mode not in ("offline", "disabled", "online"):
         fail("wandb.mode", config.wandb.mode, "'offline', 'disabled' or 'online'")
     _validate_task(config.task, "task", fail)
@@ -227,6 +258,10 @@ def validate(config: Config) -> None:
             f"eval.variations.{k}.task",
             fail,
         )
+    names = ["default"] + [variation.name for variation in config.eval.variations]
+    for name in names:
+        if names.count(name) > 1:
+            fail("eval.variations", name, "names unique and other than 'default'")
     _validate_eval(config.eval, fail)
 
 
@@ -255,7 +290,7 @@ def _validate_eval(evaluation: EvalConfig, fail) -> None:
     for name in evaluation.baselines:
         if name not in BASELINES:
             fail("eval.baselines", name, f"names from {sorted(BASELINES)}")
-    if not evaluation.lr_grid or min(evaluation.lr_grid) <= 0:
+    if not evaluation.lr_grid or not all(rate > 0 for rate in evaluation.lr_grid):
         fail("eval.lr_grid", evaluation.lr_grid, "a non-empty list of positive rates")
     for key in ("tasks", "tune_tasks"):
         if getattr(evaluation, key) < 1:

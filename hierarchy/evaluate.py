@@ -49,7 +49,12 @@ def summarise(curve: Tensor, steps: Sequence[int]) -> dict[int, tuple[float, flo
     out = {}
     for step in steps:
         values = curve[step].double()
-        sem = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        # One problem gives no spread: the standard error is undefined (nan).
+        sem = (
+            values.std().item() / math.sqrt(len(values))
+            if len(values) > 1
+            else math.nan
+        )
         out[step] = (values.mean().item(), sem)
     return out
 

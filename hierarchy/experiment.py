@@ -272,11 +272,12 @@ def run(config: Config) -> dict:
     )
     if config.resume and trainer.checkpoint_path.exists():
         trainer.load()
-    start_time = time.perf_counter()
+    elif config.resume:
+        logger.info("resume=true but %s holds no checkpoint: starting afresh", run_dir)
     history = trainer.train()
-    train_seconds = time.perf_counter() - start_time
+    train_seconds = history.seconds
     logger.info(
-        "meta-training took %.1fs; best validation %.4g at epoch %d",
+        "meta-training took %.1fs in all; best validation %.4g at epoch %d",
         train_seconds,
         history.best_val,
         history.best_epoch,

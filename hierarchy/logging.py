@@ -30,9 +30,16 @@ class Tracker:
         if mode == "disabled":
             return
 
+        # wandb reads its settings from the environment when it is imported, and
+        # the mode argument alone does not stop its telemetry from resolving a
+        # remote host at exit; the environment does.
+        os.environ["WANDB_MODE"] = mode
+        os.environ.setdefault("WANDB_SILENT", "true")
+        if mode != "online":
+            os.environ["WANDB_DISABLE_GIT"] = "true"
+            os.environ["WANDB_DISABLE_CODE"] = "true"
         import wandb
 
-        os.environ.setdefault("WANDB_SILENT", "true")
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             mode=mode,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,24 @@ class History:
     val_loss: list[float] = field(default_factory=list)
     best_val: float = math.inf
     best_epoch: int = -1
+    seconds: float = 0.0
+    """Wall time spent in meta-training epochs, summed across resumed runs."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the run's config."""
+
+
+# Keys of the resolved config that fix what a checkpoint's numbers mean; the
+# others (epochs, evaluation, logging) may change between a run and its resume.
+STRUCTURAL_KEYS = (
+    "seed",
+    "task",
+    "levels",
+    "meta.optimizer",
+    "meta.meta_batch",
+    "meta.truncation",
+)
 
 
 def save_atomic(payload: dict, path: Path) -> None:
@@ -171,7 +190,9 @@ class MetaTrainer:
             disable=None,
         )
         for epoch in bar:
+            start_time = time.perf_counter()
             train_loss = self.train_epoch()
+            self.history.seconds += time.perf_counter() - start_time
             self.history.train_loss.append(train_loss)
             self.epoch = epoch + 1
             metrics = {"meta/train_loss": train_loss}
@@ -232,24 +253,42 @@ class MetaTrainer:
         save_atomic(payload, self.checkpoint_path)
         logger.debug("checkpoint written to %s", self.checkpoint_path)
 
+    def _check_config(self, saved: dict) -> None:
+        """Refuse to resume when a key that shapes the training has changed."""
+        for key in STRUCTURAL_KEYS:
+            old, new = _lookup(saved, key), _lookup(self.config, key)
+            if old is not None and new is not None and old != new:
+                raise CheckpointError(
+                    f"checkpoint {self.checkpoint_path} was written with {key} = "
+                    f"{old!r}, but the config now has {new!r}; resume with the "
+                    f"original value, or use a new run_dir"
+                )
+
     def load(self) -> None:
         """Resume from the latest checkpoint in ``run_dir``."""
-        payload = torch.load(
-            self.checkpoint_path, map_location="cpu", weights_only=True
-        )
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
+        try:
+            payload = torch.load(
+                self.checkpoint_path, map_location="cpu", weights_only=True
+            )
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint {self.checkpoint_path} cannot be read ({error}); "
+                f"delete it to start afresh, or point run_dir elsewhere"
+            ) from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
                 f"checkpoint {self.checkpoint_path} has format "
                 f"{payload.get('format')!r}; this version reads {CHECKPOINT_FORMAT}"
             )
         rule = payload["rule"]
         expected = self.top.rule
         if rule["kind"] != expected.kind or rule["theta"].shape != expected.theta.shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {self.checkpoint_path} holds a {rule['kind']!r} rule with "
                 f"{rule['theta'].numel()} weights; the config builds a "
                 f"{self.top.rule.kind!r} rule with {self.top.rule.num_params}"
             )
+        self._check_config(payload.get("config", {}))
         with torch.no_grad():
             self.top.rule.theta.copy_(rule["theta"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -257,3 +296,12 @@ class MetaTrainer:
         self.history = History(**payload["history"])
         self.epoch = payload["epoch"]
         logger.info("resumed from %s at epoch %d", self.checkpoint_path, self.epoch)
+
+
+def _lookup(config: dict, dotted: str) -> object:
+    """``config["a"]["b"]`` for ``"a.b"``, or None where a key is missing."""
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config

@@ -52,6 +52,14 @@ def test_bad_override_names_key(override: str, key: str) -> None:
         ("task.dim=0", "task.dim"),
         ("task.data_source=web", "task.data_source"),
         ("eval.tune_tasks=0", "eval.tune_tasks"),
+        ("device=cudafoo", "device"),
+        ("levels.0.rule.hidden_size=0", "levels.0.rule.hidden_size"),
+        ("levels.0.rule.num_layers=0", "levels.0.rule.num_layers"),
+        ("meta.lr=.nan", "meta.lr"),
+        ("meta.grad_clip=-1", "meta.grad_clip"),
+        ("eval.lr_grid=[.nan]", "eval.lr_grid"),
+        ("log_level=LOUD", "log_level"),
+        ("eval.variations=[{name: default, task: {}}]", "eval.variations"),
     ],
 )
 def test_unvalidated_keys_name_key(override: str, key: str) -> None:
@@ -164,3 +172,15 @@ def test_defaults_are_the_papers() -> None:
     assert len(config.levels) == 1 and config.levels[0].rule.kind == "lstm"
     assert config.levels[0].rule.hidden_size == 20
     assert config.levels[0].rule.num_layers == 2
+
+
+def test_yaml_syntax_error_and_non_mapping_are_config_errors(tmp_path: Path) -> None:
+    """A broken YAML file or one holding a list is refused naming the file."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("meta:\n  lr: [1\n")
+    with pytest.raises(ConfigError, match="broken.yaml.*not valid YAML"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml.*mapping"):
+        load_config(listing)

@@ -285,3 +285,44 @@ def test_trainer_rejects_bad_options(tmp_path: Path) -> None:
     for truncation in (0, 6):
         with pytest.raises(ValueError, match="truncation"):
             MetaTrainer(top, tmp_path, truncation=truncation)
+
+
+def test_load_refuses_truncated_checkpoint(tiny_config, tmp_path: Path) -> None:
+    """A damaged checkpoint is a CheckpointError naming the file, not a torch error."""
+    trainer = _trainer(tiny_config("meta.epochs=1"), tmp_path)
+    trainer.train()
+    data = trainer.checkpoint_path.read_bytes()
+    trainer.checkpoint_path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(trainer_module.CheckpointError, match="checkpoint.pt"):
+        _trainer(tiny_config("meta.epochs=1"), tmp_path).load()
+
+
+def test_load_refuses_a_changed_structural_key(tiny_config, tmp_path: Path) -> None:
+    """Resuming with another task is refused naming the key; more epochs are fine."""
+    from omegaconf import OmegaConf
+
+    def resolved(config):
+        return OmegaConf.to_container(OmegaConf.structured(config))
+
+    def trainer(*overrides: str) -> MetaTrainer:
+        config = tiny_config(*overrides)
+        made = _trainer(config, tmp_path)
+        made.config = resolved(config)
+        return made
+
+    trainer("meta.epochs=1").train()
+    trainer("meta.epochs=3").load()
+    changed_trainer = trainer("meta.epochs=3", "task.dim=3")
+    with pytest.raises(trainer_module.CheckpointError, match="task"):
+        changed_trainer.load()
+
+
+def test_history_keeps_training_time_across_resume(tiny_config, tmp_path) -> None:
+    """Meta-training seconds accumulate over a resumed run instead of restarting."""
+    first = _trainer(tiny_config("meta.epochs=1"), tmp_path)
+    first.train()
+    second = _trainer(tiny_config("meta.epochs=2"), tmp_path)
+    second.load()
+    assert second.history.seconds == first.history.seconds > 0
+    second.train()
+    assert second.history.seconds > first.history.seconds
