@@ -312,7 +312,7 @@ def test_load_refuses_a_changed_structural_key(tiny_config, tmp_path: Path) -> N
 
     trainer("meta.epochs=1").train()
     trainer("meta.epochs=3").load()
-    changed_trainer = trainer("meta.epochs=3", "task.dim=3")
+    changed_trainer = trainer("meta.epochs=3", "task.dim=4")
     with pytest.raises(trainer_module.CheckpointError, match="task"):
         changed_trainer.load()
 
