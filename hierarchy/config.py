@@ -114,6 +114,8 @@ class Config:
     run_dir: str = "runs/${name}"
     resume: bool = False
     log_level: str = "INFO"
+    threads: Optional[int] = None
+    """CPU threads for torch; null keeps torch's default (all cores)."""
     task: TaskConfig = field(default_factory=TaskConfig)
     levels: list[LevelConfig] = field(default_factory=lambda: [LevelConfig()])
     meta: MetaConfig = field(default_factory=MetaConfig)
@@ -245,6 +247,8 @@ def validate(config: Config) -> None:
         fail("meta.optimizer", meta.optimizer, f"one of {sorted(OPTIMIZERS)}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device):
         fail("device", config.device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if config.threads is not None and config.threads < 1:
+        fail("threads", config.threads, "a positive integer, or null for all cores")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         fail("log_level", config.log_level, "'DEBUG', 'INFO', 'WARNING' or 'ERROR'")
     if config.wandb.mode not in ("offline", "disabled", "online"):

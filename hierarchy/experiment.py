@@ -106,6 +106,8 @@ def build_rule(config: RuleConfig) -> UpdateRule:
 def build(config: Config) -> tuple[Level, torch.device]:
     """The stack of levels described by ``config``, on its device."""
     device = resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     task = build_task(config.task, device)
     rules = [build_rule(level.rule).to(device) for level in config.levels]
