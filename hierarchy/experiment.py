@@ -256,22 +256,7 @@ def run(config: Config) -> dict:
     )
 
     tracker = Tracker(config.wandb.mode, config.wandb.project, run_dir, resolved)
-    meta = config.meta
-    trainer = MetaTrainer(
-        top,
-        run_dir,
-        optimizer=meta.optimizer,
-        lr=meta.lr,
-        epochs=meta.epochs,
-        meta_batch=meta.meta_batch,
-        truncation=meta.truncation,
-        grad_clip=meta.grad_clip,
-        val_every=meta.val_every,
-        val_tasks=meta.val_tasks,
-        seed=config.seed,
-        config=resolved,
-        tracker=tracker,
-    )
+    trainer = MetaTrainer.from_config(top, config, tracker)
     if config.resume and trainer.checkpoint_path.exists():
         trainer.load()
     elif config.resume:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hierarchy.config import Config
 from hierarchy.level import Level
 from hierarchy.unroll import start, unroll
 
@@ -129,6 +130,30 @@ class MetaTrainer:
         self.val_seed = seed + 1_000_003
         self.epoch = 0
         self.history = History()
+
+    @classmethod
+    def from_config(
+        cls, top: Level, config: Config, tracker: object | None = None
+    ) -> MetaTrainer:
+        """A trainer with the ``meta`` settings, seed and run folder of ``config``."""
+        from omegaconf import OmegaConf
+
+        meta = config.meta
+        return cls(
+            top,
+            config.run_dir,
+            optimizer=meta.optimizer,
+            lr=meta.lr,
+            epochs=meta.epochs,
+            meta_batch=meta.meta_batch,
+            truncation=meta.truncation,
+            grad_clip=meta.grad_clip,
+            val_every=meta.val_every,
+            val_tasks=meta.val_tasks,
+            seed=config.seed,
+            config=OmegaConf.to_container(OmegaConf.structured(config)),
+            tracker=tracker,
+        )
 
     @property
     def checkpoint_path(self) -> Path:

@@ -18,22 +18,13 @@ from tasks.quadratic import QuadraticTask
 
 
 def _trainer(config: Config, run_dir: Path, **changes) -> MetaTrainer:
-    """The stack of ``config`` and a MetaTrainer set up as experiment.run does."""
+    """The stack of ``config`` and its MetaTrainer, in ``run_dir``, with changes."""
     top, _ = build(config)
-    meta = config.meta
-    options = dict(
-        optimizer=meta.optimizer,
-        lr=meta.lr,
-        epochs=meta.epochs,
-        meta_batch=meta.meta_batch,
-        truncation=meta.truncation,
-        grad_clip=meta.grad_clip,
-        val_every=meta.val_every,
-        val_tasks=meta.val_tasks,
-        seed=config.seed,
-    )
-    options.update(changes)
-    return MetaTrainer(top, run_dir, **options)
+    trainer = MetaTrainer.from_config(top, config)
+    trainer.run_dir = Path(run_dir)
+    for name, value in changes.items():
+        setattr(trainer, name, value)
+    return trainer
 
 
 def _theta(trainer: MetaTrainer) -> torch.Tensor:
@@ -226,7 +217,8 @@ def test_segments_start_from_detached_carry(tiny_config, tmp_path, monkeypatch):
 def test_gradient_comes_from_last_segment_only(tiny_config, tmp_path) -> None:
     """theta.grad after an epoch is the last segment's gradient from a cut carry."""
     config = tiny_config()
-    trainer = _trainer(config, tmp_path, optimizer="sgd", lr=0.0)
+    trainer = _trainer(config, tmp_path)
+    trainer.optimizer = torch.optim.SGD([trainer.top.rule.theta], lr=0.0)
     theta = _theta(trainer)
     trainer.train_epoch()
     assert torch.equal(_theta(trainer), theta)  # lr 0: theta unchanged
