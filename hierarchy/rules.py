@@ -104,7 +104,37 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return x @ weight + bias.unsqueeze(-2)
 
 
-class LSTMRule(UpdateRule):
+class NetworkRule(UpdateRule):
+    """A rule computed by a small network: layer widths, depth and output scale.
+
+    Subclasses build their weight shapes from these settings; the settings are
+    also the rule's ``config``.
+    """
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        hidden_size: int,
+        num_layers: int,
+        out_scale: float,
+        preprocess_p: float,
+    ) -> None:
+        super().__init__(shapes)
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.out_scale = out_scale
+        self.preprocess_p = preprocess_p
+
+    def config(self) -> dict:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "out_scale": self.out_scale,
+            "preprocess_p": self.preprocess_p,
+        }
+
+
+class LSTMRule(NetworkRule):
     """The coordinatewise LSTM optimiser of Andrychowicz et al. (2016).
 
     Each coordinate's preprocessed gradient runs through a stack of LSTM layers
@@ -130,12 +160,7 @@ class LSTMRule(UpdateRule):
             in_size = hidden_size
         shapes["w_out"] = (hidden_size, 1)
         shapes["b_out"] = (1,)
-        super().__init__(shapes)
-
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.out_scale = out_scale
-        self.preprocess_p = preprocess_p
+        super().__init__(shapes, hidden_size, num_layers, out_scale, preprocess_p)
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -173,16 +198,8 @@ class LSTMRule(UpdateRule):
         out = _linear(x, weights["w_out"], weights["b_out"])
         return rearrange(out, "b n 1 -> b n") * self.out_scale, tuple(new_state)
 
-    def config(self) -> dict:
-        return {
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "out_scale": self.out_scale,
-            "preprocess_p": self.preprocess_p,
-        }
 
-
-class MLPRule(UpdateRule):
+class MLPRule(NetworkRule):
     """A coordinatewise MLP optimiser over the gradient and its running averages.
 
     Features per coordinate are the preprocessed gradient and the preprocessed
@@ -208,12 +225,7 @@ class MLPRule(UpdateRule):
             in_size = hidden_size
         shapes["w_out"] = (in_size, 1)
         shapes["b_out"] = (1,)
-        super().__init__(shapes)
-
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.out_scale = out_scale
-        self.preprocess_p = preprocess_p
+        super().__init__(shapes, hidden_size, num_layers, out_scale, preprocess_p)
         self.momenta = tuple(float(m) for m in momenta)
         self.reset_parameters()
 
@@ -246,13 +258,7 @@ class MLPRule(UpdateRule):
         return rearrange(out, "b n 1 -> b n") * self.out_scale, averages
 
     def config(self) -> dict:
-        return {
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "out_scale": self.out_scale,
-            "preprocess_p": self.preprocess_p,
-            "momenta": list(self.momenta),
-        }
+        return {**super().config(), "momenta": list(self.momenta)}
 
 
 RULES: dict[str, type[UpdateRule]] = {"lstm": LSTMRule, "mlp": MLPRule}
