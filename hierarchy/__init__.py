@@ -3,6 +3,7 @@
 from hierarchy.baselines import BASELINES, HandRule
 from hierarchy.config import Config, ConfigError, load_config
 from hierarchy.level import Level, Problem, Task, build_stack
+from hierarchy.optim import LearnedOptimizer, load_rule
 from hierarchy.rules import LSTMRule, MLPRule, UpdateRule, preprocess
 from hierarchy.trainer import MetaTrainer
 from hierarchy.unroll import Carry, start, unroll
@@ -16,6 +17,7 @@ __all__ = [
     "ConfigError",
     "HandRule",
     "LSTMRule",
+    "LearnedOptimizer",
     "Level",
     "MLPRule",
     "MetaTrainer",
@@ -24,6 +26,7 @@ __all__ = [
     "UpdateRule",
     "build_stack",
     "load_config",
+    "load_rule",
     "preprocess",
     "start",
     "unroll",
