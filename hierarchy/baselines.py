@@ -138,12 +138,10 @@ def tune_learning_rate(
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {sorted(BASELINES)}")
     scores: dict[float, float] = {}
+    problem = task.sample(tasks, torch.Generator().manual_seed(seed), "train", horizon)
 
     for lr in grid:
-        rule = BASELINES[name](lr)
-        generator = torch.Generator().manual_seed(seed)
-        problem = task.sample(tasks, generator, "train", horizon)
-        final = trajectory(rule, problem, horizon)[-1].mean().item()
+        final = trajectory(BASELINES[name](lr), problem, horizon)[-1].mean().item()
         scores[lr] = final if math.isfinite(final) else math.inf
 
     best = min(scores, key=scores.__getitem__)

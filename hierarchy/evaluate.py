@@ -27,15 +27,20 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def trajectory(
-    rule: UpdateRule, problem: Problem, steps: int, desc: str | None = None
+    rule: UpdateRule,
+    problem: Problem,
+    steps: int,
+    desc: str | None = None,
+    theta: Tensor | None = None,
 ) -> Tensor:
     """Losses of ``rule`` optimising ``problem``: shape (steps + 1, B), step 0 first.
 
-    The rule's weights are detached, so no graph is kept beyond one step. With a
-    ``desc`` a progress bar is shown on a terminal.
+    The rule runs at ``theta`` (its own weights by default), detached, so no graph
+    is kept beyond one step. With a ``desc`` a progress bar is shown on a terminal.
     """
     carry = start(problem, rule, "first_order")
-    theta = rule.theta.detach().to(carry.params.device)
+    theta = rule.theta if theta is None else theta
+    theta = theta.detach().to(carry.params.device)
     losses = [carry.loss]
     quiet = True if desc is None else None  # None: a bar only on a terminal
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=quiet):

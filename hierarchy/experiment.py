@@ -165,7 +165,7 @@ def evaluate_task(
     problem = task.sample(config.eval.tasks, generator, "test", longest)
     start_time = time.perf_counter()
     learned = trajectory(
-        _fixed(rule, theta), problem, longest, desc=f"evaluate learned on {name}"
+        rule, problem, longest, desc=f"evaluate learned on {name}", theta=theta
     )
     logger.info(
         "%s: learned rule ran %d steps on %d held-out problems in %.1fs",
@@ -225,16 +225,6 @@ def evaluate_task(
             },
         }
     return results
-
-
-def _fixed(rule: UpdateRule, theta: torch.Tensor) -> UpdateRule:
-    """A copy of ``rule`` whose own weights are ``theta``."""
-    import copy
-
-    fixed = copy.deepcopy(rule)
-    with torch.no_grad():
-        fixed.theta.copy_(theta)
-    return fixed
 
 
 def run(config: Config) -> dict:
