@@ -39,11 +39,17 @@ class RuleConfig:
 
 @dataclass
 class LevelConfig:
-    """One level: its rule, and how it unrolls the level below."""
+    """One level: its rule, and how it unrolls the level below.
+
+    ``meta_batch`` is the number of problems of the level below that each
+    evaluation of this level's loss averages when a learned level above trains
+    it; the top level's meta-batch is ``meta.meta_batch``.
+    """
 
     rule: RuleConfig = field(default_factory=RuleConfig)
     horizon: int = 100
     mode: str = "first_order"
+    meta_batch: int = 1
 
 
 @dataclass
@@ -96,6 +102,12 @@ class EvalConfig:
     )
     tune_tasks: int = 64
     variations: list[VariationConfig] = field(default_factory=list)
+    copies: int = 4
+    """Stacks of three levels or more: copies of the first level's rule trained
+    by the levels above for evaluation."""
+    two_level: bool = True
+    """Stacks of three levels or more: also meta-train the first level's rule and
+    the top rule directly on the optimisee, with the same optimisee steps."""
 
 
 @dataclass
@@ -214,6 +226,8 @@ def validate(config: Config) -> None:
             fail(f"levels.{k}.mode", level.mode, f"one of {list(MODES)}")
         if level.horizon < 1:
             fail(f"levels.{k}.horizon", level.horizon, "a positive integer")
+        if level.meta_batch < 1:
+            fail(f"levels.{k}.meta_batch", level.meta_batch, "a positive integer")
         for key in ("hidden_size", "num_layers"):
             if getattr(level.rule, key) < 1:
                 fail(
@@ -230,6 +244,12 @@ def validate(config: Config) -> None:
                 )
 
     meta, top = config.meta, config.levels[-1]
+    if top.meta_batch != 1:
+        fail(
+            f"levels.{len(config.levels) - 1}.meta_batch",
+            top.meta_batch,
+            "1 at the top level, whose meta-batch is set by meta.meta_batch",
+        )
     if not 1 <= meta.truncation <= top.horizon:
         fail(
             "meta.truncation",
@@ -296,7 +316,7 @@ def _validate_eval(evaluation: EvalConfig, fail) -> None:
             fail("eval.baselines", name, f"names from {sorted(BASELINES)}")
     if not evaluation.lr_grid or not all(rate > 0 for rate in evaluation.lr_grid):
         fail("eval.lr_grid", evaluation.lr_grid, "a non-empty list of positive rates")
-    for key in ("tasks", "tune_tasks"):
+    for key in ("tasks", "tune_tasks", "copies"):
         if getattr(evaluation, key) < 1:
             fail(f"eval.{key}", getattr(evaluation, key), "a positive integer")
     longest = max(evaluation.horizons)

@@ -18,22 +18,24 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from hierarchy.baselines import BASELINES
 from hierarchy.level import Problem
-from hierarchy.rules import UpdateRule
+from hierarchy.rules import Params, UpdateRule
 from hierarchy.unroll import start, unroll
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def trajectory(
+def optimise(
     rule: UpdateRule,
     problem: Problem,
     steps: int,
     desc: str | None = None,
     theta: Tensor | None = None,
-) -> Tensor:
-    """Losses of ``rule`` optimising ``problem``: shape (steps + 1, B), step 0 first.
+) -> tuple[Tensor, Params]:
+    """Run ``rule`` on ``problem``: losses (steps + 1, B), step 0 first, and the
+    parameters (B, D) it ends at.
 
     The rule runs at ``theta`` (its own weights by default), detached, so no graph
     is kept beyond one step. With a ``desc`` a progress bar is shown on a terminal.
@@ -46,7 +48,27 @@ def trajectory(
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=quiet):
         _, carry = unroll(rule, theta, problem, carry, 1, "first_order")
         losses.append(carry.loss)
-    return torch.stack(losses).cpu()
+    return torch.stack(losses).cpu(), carry.params.detach()
+
+
+def trajectory(
+    rule: UpdateRule,
+    problem: Problem,
+    steps: int,
+    desc: str | None = None,
+    theta: Tensor | None = None,
+) -> Tensor:
+    """Losses of ``rule`` optimising ``problem``: shape (steps + 1, B), step 0 first.
+
+    ``theta`` may also hold several trained copies of the rule's weights, shape
+    (K, P): each copy runs on all B problems and the curves are joined, (steps +
+    1, K * B), so that means and errors are over copies and problems together.
+    """
+    if theta is not None and theta.dim() == 2:
+        return torch.cat(
+            [trajectory(rule, problem, steps, desc, row) for row in theta], dim=1
+        )
+    return optimise(rule, problem, steps, desc, theta)[0]
 
 
 def summarise(curve: Tensor, steps: Sequence[int]) -> dict[int, tuple[float, float]]:
@@ -68,7 +90,8 @@ def format_table(
     curves: Mapping[str, Tensor], steps: Sequence[int], lrs: Mapping[str, float]
 ) -> str:
     """A plain-text table: one row per optimiser, mean +- s.e. at each step."""
-    header = f"{'optimiser':<12}{'lr':>9}" + "".join(
+    width = max(12, *(len(name) + 2 for name in curves))
+    header = f"{'optimiser':<{width}}{'lr':>9}" + "".join(
         f"{'step ' + str(s):>22}" for s in steps
     )
     lines = [header, "-" * len(header)]
@@ -78,7 +101,7 @@ def format_table(
             f"{mean:>13.4g} +- {sem:<5.2g}"
             for mean, sem in summarise(curve, steps).values()
         )
-        lines.append(f"{name:<12}{lr:>9}{cells}")
+        lines.append(f"{name:<{width}}{lr:>9}{cells}")
     return "\n".join(lines)
 
 
@@ -106,7 +129,13 @@ def markdown_summary(evaluations: Mapping[str, dict], steps: Sequence[int]) -> s
     return "\n".join([header, rule, *rows])
 
 
-def plot_curves(curves: Mapping[str, Tensor], path: Path, title: str) -> None:
+def plot_curves(
+    curves: Mapping[str, Tensor],
+    path: Path,
+    title: str,
+    xlabel: str = "optimisee step",
+    ylabel: str = "loss",
+) -> None:
     """Mean loss per step with a standard-error band, log scale, saved as PNG."""
     import matplotlib
 
@@ -118,11 +147,12 @@ def plot_curves(curves: Mapping[str, Tensor], path: Path, title: str) -> None:
         mean = curve.double().mean(dim=1)
         sem = curve.double().std(dim=1) / math.sqrt(curve.shape[1])
         steps = torch.arange(len(mean))
-        ax.plot(steps, mean, label=name, linewidth=2 if name == "learned" else 1)
+        learned = name not in BASELINES
+        ax.plot(steps, mean, label=name, linewidth=2 if learned else 1)
         ax.fill_between(steps, (mean - sem).clamp_min(1e-12), mean + sem, alpha=0.2)
     ax.set_yscale("log")
-    ax.set_xlabel("optimisee step")
-    ax.set_ylabel("loss")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()

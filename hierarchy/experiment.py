@@ -8,8 +8,9 @@ text table per evaluated task and horizon.
 from __future__ import annotations
 
 import logging
+import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,12 +21,14 @@ from hierarchy.baselines import BASELINES, tune_learning_rate
 from hierarchy.config import (
     Config,
     ConfigError,
+    LevelConfig,
     RuleConfig,
     TaskConfig,
     task_with_overrides,
 )
 from hierarchy.evaluate import (
     format_table,
+    optimise,
     plot_curves,
     summarise,
     trajectory,
@@ -35,7 +38,6 @@ from hierarchy.level import Level, Task, build_stack
 from hierarchy.logging import Tracker, setup_logging
 from hierarchy.rules import RULES, UpdateRule
 from hierarchy.trainer import MetaTrainer
-from hierarchy.unroll import start, unroll
 
 logger = logging.getLogger(__name__)
 
@@ -116,28 +118,178 @@ def build(config: Config) -> tuple[Level, torch.device]:
         rules,
         [level.horizon for level in config.levels],
         [level.mode for level in config.levels],
+        [level.meta_batch for level in config.levels],
     )
     return top, device
 
 
 @torch.no_grad()
-def optimisee_rule(top: Level, seed: int) -> tuple[UpdateRule, torch.Tensor]:
-    """The rule that trains level 0, at the weights the stack gives it.
+def optimisee_rule(
+    level: Level, seed: int, copies: int = 1, theta: torch.Tensor | None = None
+) -> tuple[UpdateRule, torch.Tensor]:
+    """The rule that trains level 0, at the weights the levels above give it.
 
-    In a two-level stack that is the top rule as trained. Deeper, each level's
-    rule is run from its fresh start under the trained rule above it for its
-    horizon, and the weights it reaches are used one level further down.
+    ``level``'s rule stands at ``theta`` (its own weights by default). With two
+    levels that is the answer. Deeper, each level's rule trains ``copies`` fresh
+    copies of the rule below it for its horizon, from their initial weights, and
+    the weights they reach, shape (copies, P), are used one level further down.
     """
-    level, theta = top, top.rule.theta.detach()
+    theta = level.rule.theta.detach() if theta is None else theta
     generator = torch.Generator().manual_seed(seed)
     while isinstance(level.below, Level):
-        problem = level.below.sample(1, generator, "train", level.horizon)
-        carry = start(problem, level.rule, level.mode)
-        _, carry = unroll(
-            level.rule, theta, problem, carry, level.horizon, "first_order"
-        )
-        level, theta = level.below, carry.params[0].detach()
+        problem = level.below.sample(copies, generator, "train", level.horizon)
+        _, theta = optimise(level.rule, problem, level.horizon, theta=theta)
+        level = level.below
     return level.rule, theta
+
+
+def level_zero_steps(task: Task) -> int:
+    """Optimisee steps behind one loss evaluation of one problem of ``task``.
+
+    A level's loss unrolls ``meta_batch`` problems of the level below, evaluating
+    their loss at the start and after each of ``horizon`` steps.
+    """
+    if not isinstance(task, Level):
+        return 1
+    return task.meta_batch * (task.horizon + 1) * level_zero_steps(task.below)
+
+
+def meta_training_steps(config: Config, top: Level) -> int:
+    """Optimisee steps that meta-training the stack of ``config`` takes in all."""
+    meta = config.meta
+    return meta.epochs * meta.meta_batch * level_zero_steps(top)
+
+
+def two_level_config(
+    config: Config, rule: RuleConfig, name: str, budget: int
+) -> Config:
+    """A two-level run of ``rule`` on the optimisee that takes ``budget`` steps.
+
+    The level copies the first level's horizon and mode, takes as many problems
+    per meta-update as the top of the deep stack does in all, and unrolls them
+    whole (truncation = horizon), which is how an inner level gets its gradient;
+    the number of epochs makes the optimisee steps match ``budget``.
+    """
+    first = config.levels[0]
+    meta_batch = config.meta.meta_batch * first.meta_batch
+    epochs = max(1, round(budget / (meta_batch * (first.horizon + 1))))
+    meta = replace(
+        config.meta,
+        epochs=epochs,
+        meta_batch=meta_batch,
+        truncation=first.horizon,
+        val_every=max(1, epochs // 10),
+        val_tasks=config.meta.val_tasks * first.meta_batch,
+    )
+    level = LevelConfig(rule=rule, horizon=first.horizon, mode=first.mode)
+    return replace(
+        config,
+        name=f"{config.name}/{name}",
+        run_dir=str(Path(config.run_dir) / name),
+        levels=[level],
+        meta=meta,
+    )
+
+
+def train_two_level(config: Config) -> tuple[UpdateRule, torch.Tensor, float]:
+    """Meta-train a two-level config; its rule at the best weights, and seconds."""
+    top, _ = build(config)
+    trainer = MetaTrainer.from_config(top, config)
+    if config.resume and trainer.checkpoint_path.exists():
+        trainer.load()
+    history = trainer.train()
+    if trainer.best_path.exists():
+        load_rule_weights(top, trainer.best_path)
+    return top.rule, top.rule.theta.detach(), history.seconds
+
+
+def compare_depths(
+    config: Config, top: Level, run_dir: Path
+) -> tuple[dict[str, tuple[UpdateRule, torch.Tensor]], dict]:
+    """For a stack of three levels or more: what its depth buys.
+
+    The rule below the top is trained for the top's horizon from its initial
+    weights twice, by the trained top rule and by Adam at its tuned rate, on the
+    same problems; its meta-loss along the way is the curve that says which
+    trains it better. Then the first level's rule and the top rule are each
+    meta-trained directly on the optimisee (two levels) with as many optimisee
+    steps as meta-training the deep stack took. Returns the learned rules to
+    compare on the optimisee, each at its trained weights, and a record.
+    """
+    below, copies = top.below, config.eval.copies
+    assert isinstance(below, Level)
+    generator = torch.Generator().manual_seed(config.seed + 5)
+    problem = below.sample(copies, generator, "train", top.horizon)
+    curves, trained = {}, {}
+
+    name = f"{below.rule.kind} by {top.rule.kind}"
+    curves[name], trained[name] = optimise(
+        top.rule, problem, top.horizon, desc=f"train {name}"
+    )
+    adam, scores = tune_learning_rate(
+        "adam",
+        below,
+        config.eval.lr_grid,
+        top.horizon,
+        copies,
+        seed=config.seed + 6,
+    )
+    name = f"{below.rule.kind} by adam"
+    curves[name], trained[name] = optimise(adam, problem, top.horizon)
+
+    plot_path = run_dir / "training_curves.png"
+    plot_curves(
+        curves,
+        plot_path,
+        f"level {below.depth - 1} rule ({below.rule.kind}) trained from its "
+        f"initial weights, {copies} copies",
+        xlabel=f"{below.rule.kind} training step",
+        ylabel=f"{below.rule.kind} meta-loss",
+    )
+    steps = sorted({0, top.horizon // 4, top.horizon // 2, top.horizon})
+    learned = {
+        name: optimisee_rule(below, config.seed + 4, copies, theta)
+        for name, theta in trained.items()
+    }
+    record = {
+        "training_curves": {
+            "table": format_table(curves, steps, {f"{name}": adam.lr}),
+            "plot": str(plot_path),
+            "adam_lr": adam.lr,
+            "adam_tuning_scores": {str(k): v for k, v in scores.items()},
+            "mean_curves": {
+                n: c.double().mean(dim=1).tolist() for n, c in curves.items()
+            },
+        },
+        "meta_train_steps": meta_training_steps(config, top),
+        "two_level": {},
+    }
+    logger.info("\n%s", record["training_curves"]["table"])
+
+    if not config.eval.two_level:
+        return learned, record
+    for rule_config in (config.levels[0].rule, config.levels[-1].rule):
+        name = f"{rule_config.kind}, 2 levels"
+        if name in record["two_level"]:
+            continue
+        folder = re.sub(r"\W+", "_", name)
+        two = two_level_config(config, rule_config, folder, record["meta_train_steps"])
+        logger.info(
+            "meta-training %s: %d epochs of %d problems, %d optimisee steps",
+            name,
+            two.meta.epochs,
+            two.meta.meta_batch,
+            two.meta.epochs * two.meta.meta_batch * (two.levels[0].horizon + 1),
+        )
+        rule, theta, seconds = train_two_level(two)
+        learned[name] = (rule, theta)
+        record["two_level"][name] = {
+            "epochs": two.meta.epochs,
+            "meta_batch": two.meta.meta_batch,
+            "meta_train_seconds": seconds,
+            "run_dir": two.run_dir,
+        }
+    return learned, record
 
 
 def load_rule_weights(top: Level, path: Path) -> None:
@@ -150,34 +302,40 @@ def load_rule_weights(top: Level, path: Path) -> None:
 def evaluate_task(
     config: Config,
     task: Task,
-    rule: UpdateRule,
-    theta: torch.Tensor,
+    learned: dict[str, tuple[UpdateRule, torch.Tensor]],
     name: str,
     run_dir: Path,
 ) -> dict:
     """Tune the baselines on train problems and compare on held-out test problems.
 
-    One batch of test problems is drawn for the longest horizon; the learned rule
-    runs on it once, and each baseline is tuned for each horizon and run to it.
+    ``learned`` maps a name to a rule and its trained weights, (P,) or several
+    copies (K, P). One batch of test problems is drawn for the longest horizon;
+    each learned rule runs on it once, and each baseline is tuned for each horizon
+    and run to it.
     """
     longest = max(config.eval.horizons)
     generator = torch.Generator().manual_seed(config.seed + 3)
     problem = task.sample(config.eval.tasks, generator, "test", longest)
-    start_time = time.perf_counter()
-    learned = trajectory(
-        rule, problem, longest, desc=f"evaluate learned on {name}", theta=theta
-    )
-    logger.info(
-        "%s: learned rule ran %d steps on %d held-out problems in %.1fs",
-        name,
-        longest,
-        config.eval.tasks,
-        time.perf_counter() - start_time,
-    )
+    device = problem.init().device
+    learned_curves = {}
+    for entry, (rule, theta) in learned.items():
+        start_time = time.perf_counter()
+        learned_curves[entry] = trajectory(
+            rule, problem, longest, desc=f"evaluate {entry} on {name}", theta=theta
+        )
+        logger.info(
+            "%s: %s ran %d steps on %d held-out problems in %.1fs",
+            name,
+            entry,
+            longest,
+            config.eval.tasks,
+            time.perf_counter() - start_time,
+        )
 
     results = {}
     for horizon in config.eval.horizons:
-        curves, lrs, scores = {"learned": learned[: horizon + 1]}, {}, {}
+        curves = {n: c[: horizon + 1] for n, c in learned_curves.items()}
+        lrs, scores = {}, {}
         for baseline in config.eval.baselines:
             tuned, scores[baseline] = tune_learning_rate(
                 baseline,
@@ -188,7 +346,7 @@ def evaluate_task(
                 seed=config.seed + 2,
             )
             lrs[baseline] = tuned.lr
-            curves[baseline] = trajectory(tuned.to(theta.device), problem, horizon)
+            curves[baseline] = trajectory(tuned.to(device), problem, horizon)
 
         steps = sorted(
             {s for s in config.eval.report_steps if s <= horizon} | {horizon}
@@ -262,14 +420,17 @@ def run(config: Config) -> dict:
 
     if trainer.best_path.exists():
         load_rule_weights(top, trainer.best_path)
-    rule, theta = optimisee_rule(top, config.seed + 4)
-
     results = {
         "config": resolved,
         "meta_train_seconds": train_seconds,
         "history": asdict(history),
         "evaluations": {},
     }
+    if top.depth >= 3:
+        learned, results["depth"] = compare_depths(config, top, run_dir)
+    else:
+        learned = {"learned": optimisee_rule(top, config.seed + 4)}
+
     variations = [("default", config.task)] + [
         (v.name, task_with_overrides(config.task, v.task, f"eval.variations.{k}.task"))
         for k, v in enumerate(config.eval.variations)
@@ -277,7 +438,7 @@ def run(config: Config) -> dict:
     for name, task_config in variations:
         task = build_task(task_config, device)
         results["evaluations"].update(
-            evaluate_task(config, task, rule, theta, name, run_dir)
+            evaluate_task(config, task, learned, name, run_dir)
         )
 
     write_json(run_dir / "results.json", results)

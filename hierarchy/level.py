@@ -65,17 +65,29 @@ class Level(Task):
         below: the task of level k - 1 (an optimisee task or another level).
         horizon: steps T_{k-1} of the unroll of the level below.
         mode: ``first_order`` or ``higher``, how gradients reach the rule.
+        meta_batch: problems of the level below that each evaluation of this
+            level's loss averages, when a learned level above trains this one.
     """
 
-    def __init__(self, rule: UpdateRule, below: Task, horizon: int, mode: str) -> None:
+    def __init__(
+        self,
+        rule: UpdateRule,
+        below: Task,
+        horizon: int,
+        mode: str,
+        meta_batch: int = 1,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"unroll mode {mode!r} is not one of {list(MODES)}")
         if horizon < 1:
             raise ValueError(f"horizon must be a positive integer, got {horizon}")
+        if meta_batch < 1:
+            raise ValueError(f"meta_batch must be a positive integer, got {meta_batch}")
         self.rule = rule
         self.below = below
         self.horizon = horizon
         self.mode = mode
+        self.meta_batch = meta_batch
         self.dim = rule.num_params
 
     def sample(
@@ -91,11 +103,18 @@ class Level(Task):
     def meta_loss(
         self, theta: Tensor, batch_size: int, generator: torch.Generator, split: str
     ) -> Tensor:
-        """Meta-loss (B,) of a whole unroll of fresh problems of the level below."""
-        problem = self.below.sample(batch_size, generator, split, self.horizon)
+        """Meta-loss (B,) of whole unrolls of fresh problems of the level below.
+
+        Each of the B rows of a batched ``theta`` (B, P) unrolls ``meta_batch``
+        problems of its own, and its meta-loss is their mean.
+        """
+        n = self.meta_batch
+        problem = self.below.sample(batch_size * n, generator, split, self.horizon)
+        if theta.dim() == 2:
+            theta = theta.repeat_interleave(n, dim=0)
         carry = start(problem, self.rule, self.mode)
         loss, _ = unroll(self.rule, theta, problem, carry, self.horizon, self.mode)
-        return loss
+        return loss.view(batch_size, n).mean(dim=1)
 
     @property
     def depth(self) -> int:
@@ -107,8 +126,10 @@ class Level(Task):
 class LevelProblem(Problem):
     """B copies of a level's rule, each trained from the rule's initial weights.
 
-    Each loss evaluation samples fresh problems of the level below, one per copy,
-    so the loss is stochastic like a minibatch loss.
+    Each loss evaluation unrolls fresh problems of the level below, so the loss
+    is stochastic like a minibatch loss. The problems are fixed by the step, as a
+    minibatch is: two optimisers training these copies see the same problems at
+    the same step, and a loss evaluated twice at one step is the same function.
     """
 
     def __init__(
@@ -116,33 +137,41 @@ class LevelProblem(Problem):
     ) -> None:
         self.level = level
         self.batch_size = batch_size
-        self.generator = generator
         self.split = split
+        self.seed = int(torch.randint(2**62, (1,), generator=generator))
         self._init = level.rule.theta.detach().clone()
 
     def init(self) -> Params:
         return self._init.expand(self.batch_size, -1).clone()
 
     def loss(self, params: Params, step: int) -> Tensor:
-        return self.level.meta_loss(params, self.batch_size, self.generator, self.split)
+        generator = torch.Generator().manual_seed(self.seed + step)
+        return self.level.meta_loss(params, self.batch_size, generator, self.split)
 
 
 def build_stack(
-    task: Task, rules: list[UpdateRule], horizons: list[int], modes: list[str]
+    task: Task,
+    rules: list[UpdateRule],
+    horizons: list[int],
+    modes: list[str],
+    meta_batches: list[int] | None = None,
 ) -> Level:
     """Stack ``rules`` on ``task``: rules[0] trains the optimisee, rules[-1] is top.
 
-    ``horizons[k]`` is the unroll length of the level that rules[k] optimises.
+    ``horizons[k]`` is the unroll length of the level that rules[k] optimises, and
+    ``meta_batches[k]`` (default 1) the problems of that level per loss evaluation.
     """
+    meta_batches = [1] * len(rules) if meta_batches is None else meta_batches
     if not rules:
         raise ValueError("a stack needs at least one level; got an empty list")
-    if not len(rules) == len(horizons) == len(modes):
+    if not len(rules) == len(horizons) == len(modes) == len(meta_batches):
         raise ValueError(
-            f"rules, horizons and modes must have one entry per level, got "
-            f"{len(rules)}, {len(horizons)} and {len(modes)}"
+            f"rules, horizons, modes and meta-batches must have one entry per "
+            f"level, got {len(rules)}, {len(horizons)}, {len(modes)} and "
+            f"{len(meta_batches)}"
         )
     below: Task = task
-    for rule, horizon, mode in zip(rules, horizons, modes):
-        below = Level(rule, below, horizon, mode)
+    for rule, horizon, mode, n in zip(rules, horizons, modes, meta_batches):
+        below = Level(rule, below, horizon, mode, n)
     assert isinstance(below, Level)
     return below

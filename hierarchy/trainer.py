@@ -205,6 +205,7 @@ class MetaTrainer:
 
     def train(self) -> History:
         """Meta-train up to ``epochs``, validating and checkpointing as it goes."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(
             range(self.epoch, self.epochs),
             desc="meta-train",
@@ -265,7 +266,6 @@ class MetaTrainer:
 
     def save(self) -> None:
         """Write everything needed to resume exactly, atomically."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         payload = {
             "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch,

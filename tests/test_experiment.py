@@ -204,9 +204,13 @@ def test_optimisee_rule_three_levels_runs_middle_rule() -> None:
     middle = Level(lower, QuadraticTask(2), 3, "first_order")
     top = Level(SGD(0.1), middle, 2, "first_order")
     rule, theta = optimisee_rule(top, seed=0)
-    assert rule is lower and theta.shape == (lower.num_params,)
-    assert not torch.equal(theta, lower.theta.detach())
+    assert rule is lower and theta.shape == (1, lower.num_params)
+    assert not torch.equal(theta[0], lower.theta.detach())
     assert torch.equal(optimisee_rule(top, seed=0)[1], theta)
+    # Copies train on problems of their own: they end at different weights.
+    _, copies = optimisee_rule(top, seed=0, copies=3)
+    assert copies.shape == (3, lower.num_params)
+    assert not torch.equal(copies[0], copies[1])
 
 
 def test_trajectory_shape_and_first_row() -> None:

@@ -36,7 +36,7 @@ def test_build_stack_rejects_empty_and_mismatched_lists() -> None:
     task = QuadraticTask(2)
     with pytest.raises(ValueError, match="at least one"):
         build_stack(task, [], [], [])
-    with pytest.raises(ValueError, match="1, 2 and 1"):
+    with pytest.raises(ValueError, match="1, 2, 1 and 1"):
         build_stack(task, [_tiny_mlp()], [3, 4], ["first_order"])
 
 
@@ -81,12 +81,41 @@ def test_level_problem_loss_is_meta_loss_of_level_below() -> None:
     loss = problem.loss(phis, 0)
     assert loss.shape == (2,)
 
-    quadratics = task.sample(2, torch.Generator().manual_seed(7), "train", 4)
+    generator = torch.Generator().manual_seed(problem.seed)
+    quadratics = task.sample(2, generator, "train", 4)
     carry = start(quadratics, level.rule, "first_order")
     expected, _ = unroll(level.rule, phis, quadratics, carry, 4, "first_order")
     torch.testing.assert_close(loss, expected)
-    # The second call draws new problems from the same stream: a different loss.
-    assert not torch.allclose(problem.loss(phis, 1), loss)
+
+
+def test_level_problem_loss_is_fixed_by_the_step() -> None:
+    """Like a minibatch, the step fixes the problems: same step, same loss."""
+    torch.manual_seed(0)
+    level = Level(_tiny_mlp(), QuadraticTask(3), 4, "first_order")
+    problem = level.sample(2, torch.Generator().manual_seed(7), "train", 1)
+    phis = problem.init()
+    torch.testing.assert_close(problem.loss(phis, 3), problem.loss(phis, 3))
+    assert not torch.allclose(problem.loss(phis, 1), problem.loss(phis, 3))
+    other = level.sample(2, torch.Generator().manual_seed(8), "train", 1)
+    assert not torch.allclose(other.loss(phis, 3), problem.loss(phis, 3))
+
+
+def test_level_meta_batch_averages_problems_per_row() -> None:
+    """With meta_batch n, each row's meta-loss is the mean over its n problems."""
+    torch.manual_seed(0)
+    task = QuadraticTask(3)
+    level = Level(_tiny_mlp(), task, 4, "first_order", meta_batch=3)
+    theta = level.rule.theta.detach().expand(2, -1).clone()
+    theta[1] -= 0.1
+    loss = level.meta_loss(theta, 2, torch.Generator().manual_seed(5), "train")
+
+    quadratics = task.sample(6, torch.Generator().manual_seed(5), "train", 4)
+    rows = theta.repeat_interleave(3, dim=0)
+    carry = start(quadratics, level.rule, "first_order")
+    each, _ = unroll(level.rule, rows, quadratics, carry, 4, "first_order")
+    torch.testing.assert_close(loss, each.view(2, 3).mean(dim=1))
+    with pytest.raises(ValueError, match="meta_batch"):
+        Level(_tiny_mlp(), task, 4, "first_order", meta_batch=0)
 
 
 def test_level_meta_loss_differentiable_in_theta() -> None:
