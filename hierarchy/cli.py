@@ -27,6 +27,8 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
         print(f"error: cannot write the run folder: {error}", file=sys.stderr)
         return 2
 
+    if "depth" in results:
+        print_depth(results["depth"])
     for key, evaluation in results["evaluations"].items():
         print(
             f"\n{evaluation['task']}: mean loss +- standard error over "
@@ -36,6 +38,26 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
         print(f"plot: {evaluation['plot']}")
     print(f"\nall numbers: {Path(config.run_dir) / 'results.json'}")
     return 0
+
+
+def print_depth(depth: dict) -> None:
+    """What a stack of three levels or more buys: training curves and budgets."""
+    curves = depth["training_curves"]
+    print(
+        "\nthe rule below the top, trained from its initial weights: its meta-loss "
+        "(mean +- s.e. over copies) at each of its training steps"
+    )
+    print(curves["table"])
+    print(f"plot: {curves['plot']}")
+    print(
+        f"\nmeta-training the stack took {depth['meta_train_steps']:,} optimisee "
+        f"steps; each two-level run below took as many:"
+    )
+    for name, record in depth["two_level"].items():
+        print(
+            f"  {name}: {record['epochs']} epochs of {record['meta_batch']} "
+            f"problems in {record['meta_train_seconds']:.0f}s"
+        )
 
 
 def print_report(path: Path) -> int:

@@ -108,6 +108,8 @@ class EvalConfig:
     two_level: bool = True
     """Stacks of three levels or more: also meta-train the first level's rule and
     the top rule directly on the optimisee, with the same optimisee steps."""
+    two_level_meta_batch: int = 256
+    """Problems per meta-update of those two-level runs."""
 
 
 @dataclass
@@ -316,7 +318,7 @@ def _validate_eval(evaluation: EvalConfig, fail) -> None:
             fail("eval.baselines", name, f"names from {sorted(BASELINES)}")
     if not evaluation.lr_grid or not all(rate > 0 for rate in evaluation.lr_grid):
         fail("eval.lr_grid", evaluation.lr_grid, "a non-empty list of positive rates")
-    for key in ("tasks", "tune_tasks", "copies"):
+    for key in ("tasks", "tune_tasks", "copies", "two_level_meta_batch"):
         if getattr(evaluation, key) < 1:
             fail(f"eval.{key}", getattr(evaluation, key), "a positive integer")
     longest = max(evaluation.horizons)

@@ -165,13 +165,13 @@ def two_level_config(
 ) -> Config:
     """A two-level run of ``rule`` on the optimisee that takes ``budget`` steps.
 
-    The level copies the first level's horizon and mode, takes as many problems
-    per meta-update as the top of the deep stack does in all, and unrolls them
-    whole (truncation = horizon), which is how an inner level gets its gradient;
-    the number of epochs makes the optimisee steps match ``budget``.
+    The level copies the first level's horizon and mode, takes
+    ``eval.two_level_meta_batch`` problems per meta-update and unrolls them whole
+    (truncation = horizon), which is how an inner level gets its gradient; the
+    number of epochs makes the optimisee steps match ``budget``.
     """
     first = config.levels[0]
-    meta_batch = config.meta.meta_batch * first.meta_batch
+    meta_batch = config.eval.two_level_meta_batch
     epochs = max(1, round(budget / (meta_batch * (first.horizon + 1))))
     meta = replace(
         config.meta,
@@ -264,7 +264,15 @@ def compare_depths(
         "meta_train_steps": meta_training_steps(config, top),
         "two_level": {},
     }
-    logger.info("\n%s", record["training_curves"]["table"])
+    logger.info(
+        "%s trained for %d steps by the trained %s and by Adam at lr %.3g: "
+        "meta-loss %.4g and %.4g at the end",
+        below.rule.kind,
+        top.horizon,
+        top.rule.kind,
+        adam.lr,
+        *(curve[-1].mean().item() for curve in curves.values()),
+    )
 
     if not config.eval.two_level:
         return learned, record

@@ -65,6 +65,7 @@ STRUCTURAL_KEYS = (
 
 def save_atomic(payload: dict, path: Path) -> None:
     """Write a checkpoint to a temporary file, flush it to disk, then rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -205,7 +206,6 @@ class MetaTrainer:
 
     def train(self) -> History:
         """Meta-train up to ``epochs``, validating and checkpointing as it goes."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(
             range(self.epoch, self.epochs),
             desc="meta-train",

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from hierarchy.experiment import build, level_zero_steps, run, two_level_config
+from hierarchy.level import build_stack
+from hierarchy.rules import LSTMRule, MLPRule
+from tasks.quadratic import QuadraticTask
 
 THREE_LEVELS = (
     "levels=[{rule: {kind: mlp, hidden_size: 3, num_layers: 1}, horizon: 3, "
@@ -27,6 +30,7 @@ def three_level(tiny_config):
             "meta.epochs=2",
             "meta.meta_batch=2",
             "eval.copies=2",
+            "eval.two_level_meta_batch=4",
             *overrides,
         )
 
@@ -49,7 +53,7 @@ def test_two_level_config_matches_the_budget(three_level) -> None:
     two = two_level_config(config, config.levels[-1].rule, "lstm_2_levels", budget)
     assert len(two.levels) == 1 and two.levels[0].rule.kind == "lstm"
     assert two.levels[0].horizon == 3 and two.meta.truncation == 3
-    assert two.meta.meta_batch == 2 * 2
+    assert two.meta.meta_batch == 4
     steps = two.meta.epochs * two.meta.meta_batch * (3 + 1)
     assert steps == budget
     assert Path(two.run_dir) == Path(config.run_dir) / "lstm_2_levels"
@@ -100,3 +104,46 @@ def test_two_level_comparison_can_be_switched_off(three_level) -> None:
     assert results["depth"]["two_level"] == {}
     summary = results["evaluations"]["default_T10"]["summary"]
     assert list(summary)[:2] == ["mlp by lstm", "mlp by adam"]
+
+
+@pytest.mark.parametrize("top_mode", ["higher", "first_order"])
+def test_top_meta_gradient_of_three_levels_against_finite_differences(
+    top_mode: str,
+) -> None:
+    """In higher mode the top rule's meta-gradient through both levels below is the
+    exact derivative of the meta-loss; first-order mode drops a term and misses."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        rules = [
+            MLPRule(hidden_size=3, num_layers=1, momenta=(0.9,)),
+            LSTMRule(hidden_size=3, num_layers=1, out_scale=0.05),
+        ]
+        top = build_stack(QuadraticTask(2), rules, [3, 3], ["higher", top_mode], [2, 1])
+
+        def meta_loss(theta: torch.Tensor) -> torch.Tensor:
+            generator = torch.Generator().manual_seed(0)
+            return top.meta_loss(theta, 2, generator, "train").sum()
+
+        theta = top.rule.theta.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(meta_loss(theta), theta)
+        errors = []
+        with torch.no_grad():
+            for k in range(4):
+                direction = torch.randn(
+                    theta.shape, generator=torch.Generator().manual_seed(k)
+                )
+                eps = 1e-6
+                plus = meta_loss(theta + eps * direction)
+                minus = meta_loss(theta - eps * direction)
+                numeric = (plus - minus) / (2 * eps)
+                analytic = grad @ direction
+                errors.append(((analytic - numeric).abs() / numeric.abs()).item())
+    finally:
+        torch.set_default_dtype(default)
+
+    if top_mode == "higher":
+        assert max(errors) < 1e-5, errors
+    else:
+        assert max(errors) > 1e-3, errors
