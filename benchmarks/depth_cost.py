@@ -2,9 +2,10 @@
 
 On random quadratics, with the three-level example's settings: the two-level
 LSTM against its horizon, and the three-level stack (MLP under an LSTM) against
-the horizon at each level, in first-order and in higher mode. Each point is one
-meta-epoch in a fresh process (see ``epoch_cost.py``); the figures are seconds
-per epoch, optimisee steps per second and the growth of peak memory.
+the horizon at each level, in first-order and in higher mode. Each point is a
+process of its own running three meta-epochs (see ``epoch_cost.py``); the
+figures are the median seconds per epoch, optimisee steps per second and the
+growth of peak memory.
 
     python benchmarks/depth_cost.py [--device cpu] [--out FILE.json]
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from epoch_cost import CONFIGS, in_subprocess
 
 HORIZONS = [10, 20, 40]
+EPOCHS = 3
 
 
 def points(device: str) -> list[tuple[str, list[str]]]:
@@ -68,7 +70,7 @@ def main() -> None:
     # The first pass warms the machine's file caches; it is not reported.
     in_subprocess(CONFIGS / "two_level_quadratic.yaml", [f"device={args.device}"])
     rows = [
-        in_subprocess(CONFIGS / f"{name}.yaml", overrides)
+        in_subprocess(CONFIGS / f"{name}.yaml", overrides, epochs=EPOCHS)
         for name, overrides in points(args.device)
     ]
 

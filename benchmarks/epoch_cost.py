@@ -1,17 +1,19 @@
-"""Wall time and peak memory of one meta-epoch of a config, in a fresh process.
+"""Wall time and peak memory of meta-epochs of a config, in a fresh process.
 
 The other benchmarks call ``in_subprocess`` once per point so that peaks do not
 mix. On the CPU the peak is the growth of the process's peak resident memory over
 what it held before training; on CUDA it is torch's peak allocation. No warm-up
-epoch runs first: it would raise the high-water mark the epoch is compared with.
+epoch runs first: it would raise the high-water mark the epochs are compared
+with. The time is the median over the epochs, the peak is over all of them.
 
-    python benchmarks/epoch_cost.py CONFIG [key=value ...]   # prints one JSON line
+    python benchmarks/epoch_cost.py EPOCHS CONFIG [key=value ...]  # one JSON line
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -20,8 +22,8 @@ from pathlib import Path
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def measure(config_path: Path, overrides: list[str]) -> dict:
-    """Seconds and peak MiB of one meta-epoch of ``config_path`` with overrides."""
+def measure(config_path: Path, overrides: list[str], epochs: int = 1) -> dict:
+    """Seconds and peak MiB of meta-epochs of ``config_path`` with overrides."""
     import torch
 
     from hierarchy.config import load_config
@@ -38,11 +40,13 @@ def measure(config_path: Path, overrides: list[str]) -> dict:
         before = torch.cuda.max_memory_allocated()
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = time.perf_counter()
-    trainer.train_epoch()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        trainer.train_epoch()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - before
     else:
@@ -57,15 +61,16 @@ def measure(config_path: Path, overrides: list[str]) -> dict:
         "meta_batch": config.meta.meta_batch,
         "optimisee_steps": config.meta.meta_batch * level_zero_steps(top),
         "device": str(device),
-        "seconds": seconds,
+        "epochs": epochs,
+        "seconds": statistics.median(seconds),
         "peak_mib": peak / 2**20,
     }
 
 
-def in_subprocess(config_path: Path, overrides: list[str]) -> dict:
+def in_subprocess(config_path: Path, overrides: list[str], epochs: int = 1) -> dict:
     """``measure`` in a fresh Python process; its result."""
     out = subprocess.run(
-        [sys.executable, __file__, str(config_path), *overrides],
+        [sys.executable, __file__, str(epochs), str(config_path), *overrides],
         check=True,
         capture_output=True,
         text=True,
@@ -74,4 +79,4 @@ def in_subprocess(config_path: Path, overrides: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(Path(sys.argv[1]), sys.argv[2:])))
+    print(json.dumps(measure(Path(sys.argv[2]), sys.argv[3:], int(sys.argv[1]))))
