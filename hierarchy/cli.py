@@ -14,19 +14,26 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def run_config(config_path: str | Path, overrides: list[str]) -> int:
     """Load, meta-train, evaluate, and print each results table; returns exit code."""
     from hierarchy.experiment import run
-    from hierarchy.trainer import CheckpointError
+    from hierarchy.trainer import CheckpointError, NonFiniteError
     from tasks.mnist_data import DataError
 
     try:
         config = load_config(config_path, overrides)
         results = run(config)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
         print(f"error: cannot write the run folder: {error}", file=sys.stderr)
         return 2
 
+    if results.get("interrupted"):
+        print(
+            f"interrupted: checkpoint in {config.run_dir}; add resume=true to the "
+            f"same command to continue",
+            file=sys.stderr,
+        )
+        return 130
     if "depth" in results:
         print_depth(results["depth"])
     for key, evaluation in results["evaluations"].items():

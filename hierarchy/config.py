@@ -75,6 +75,12 @@ class MetaConfig:
     meta_batch: int = 32
     truncation: int = 20
     grad_clip: Optional[float] = None
+    max_bad_updates: int = 5
+    """Stop after this many non-finite meta-updates in a row (each is skipped)."""
+    log_grad_norms: bool = False
+    """Log the meta-gradient norm and the gradient norm each level's rule sees."""
+    check_gradient: bool = False
+    """Before training, compare the meta-gradient with finite differences."""
     val_every: int = 10
     val_tasks: int = 64
 
@@ -258,7 +264,7 @@ def validate(config: Config) -> None:
             meta.truncation,
             f"an integer from 1 to the top level's horizon ({top.horizon})",
         )
-    for key in ("epochs", "meta_batch", "val_every", "val_tasks"):
+    for key in ("epochs", "meta_batch", "val_every", "val_tasks", "max_bad_updates"):
         if getattr(meta, key) < 1:
             fail(f"meta.{key}", getattr(meta, key), "a positive integer")
     if not meta.lr > 0:

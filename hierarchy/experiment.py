@@ -394,7 +394,11 @@ def evaluate_task(
 
 
 def run(config: Config) -> dict:
-    """Meta-train the stack of ``config``, then evaluate it; returns the results."""
+    """Meta-train the stack of ``config``, then evaluate it; returns the results.
+
+    A run stopped by SIGINT returns its history with ``interrupted`` set and
+    evaluates nothing; ``resume=true`` continues it.
+    """
     setup_logging(config.log_level)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -417,8 +421,15 @@ def run(config: Config) -> dict:
         trainer.load()
     elif config.resume:
         logger.info("resume=true but %s holds no checkpoint: starting afresh", run_dir)
-    history = trainer.train()
+    if config.meta.check_gradient:
+        logger.info("%s", trainer.check_meta_gradient().summary())
+    try:
+        history = trainer.train()
+    finally:
+        tracker.finish()
     train_seconds = history.seconds
+    if history.interrupted:
+        return {"config": resolved, "interrupted": True, "history": asdict(history)}
     logger.info(
         "meta-training took %.1fs in all; best validation %.4g at epoch %d",
         train_seconds,
@@ -450,7 +461,6 @@ def run(config: Config) -> dict:
         )
 
     write_json(run_dir / "results.json", results)
-    tracker.finish()
     logger.info("results written to %s", run_dir / "results.json")
     return results
 

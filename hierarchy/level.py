@@ -9,6 +9,7 @@ Nothing here knows how many levels there are.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -89,6 +90,10 @@ class Level(Task):
         self.mode = mode
         self.meta_batch = meta_batch
         self.dim = rule.num_params
+        self.track_grad_norm = False
+        self.grad_norm = math.nan
+        """With ``track_grad_norm``: mean norm of the gradient the rule saw at the
+        last step of its latest unroll (a diagnostic; it costs a sync per unroll)."""
 
     def sample(
         self, batch_size: int, generator: torch.Generator, split: str, horizon: int
@@ -113,7 +118,9 @@ class Level(Task):
         if theta.dim() == 2:
             theta = theta.repeat_interleave(n, dim=0)
         carry = start(problem, self.rule, self.mode)
-        loss, _ = unroll(self.rule, theta, problem, carry, self.horizon, self.mode)
+        loss, carry = unroll(self.rule, theta, problem, carry, self.horizon, self.mode)
+        if self.track_grad_norm:
+            self.grad_norm = carry.grad.detach().norm(dim=-1).mean().item()
         return loss.view(batch_size, n).mean(dim=1)
 
     @property

@@ -5,6 +5,10 @@ top, unrolls them for the top level's horizon in segments of ``truncation``
 steps, and after each segment takes one optimiser step on the segment's
 meta-loss, then detaches the unroll and carries on. The rule with the best
 validation meta-loss is kept beside the latest checkpoint.
+
+Faults are contained: a segment whose meta-loss or meta-gradient is not finite
+takes no step, a run that keeps failing stops with its last good checkpoint, and
+SIGINT stops after the current epoch with a checkpoint written.
 """
 
 from __future__ import annotations
@@ -12,16 +16,19 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from hierarchy.config import Config
-from hierarchy.level import Level
-from hierarchy.unroll import start, unroll
+from hierarchy.diagnostics import GradientCheck, check_meta_gradient
+from hierarchy.level import Level, Problem
+from hierarchy.unroll import Carry, start, unroll
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +52,20 @@ class History:
     best_epoch: int = -1
     seconds: float = 0.0
     """Wall time spent in meta-training epochs, summed across resumed runs."""
+    skipped_epochs: list[int] = field(default_factory=list)
+    """Epochs (from 1) whose meta-update was skipped as not finite."""
+    grad_norms: list[dict[str, float]] = field(default_factory=list)
+    """Per epoch, with ``meta.log_grad_norms``: mean gradient norm per level."""
+    interrupted: bool = False
+    """Whether the last call of ``train`` stopped early on SIGINT."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the run's config."""
+
+
+class NonFiniteError(RuntimeError):
+    """Meta-training produced non-finite meta-updates too many times in a row."""
 
 
 # Keys of the resolved config that fix what a checkpoint's numbers mean; the
@@ -88,6 +105,8 @@ class MetaTrainer:
         meta_batch: problems unrolled side by side in each epoch.
         truncation: steps per segment of truncated backpropagation.
         grad_clip: clip the meta-gradient to this norm, or None.
+        max_bad_updates: stop after this many non-finite meta-updates in a row.
+        log_grad_norms: log and record the gradient norm at every level.
         val_every, val_tasks: validation schedule and size (fixed val problems).
         seed: seeds the stream of training problems.
         config: the resolved experiment config, stored in checkpoints.
@@ -104,6 +123,8 @@ class MetaTrainer:
         meta_batch: int = 32,
         truncation: int = 20,
         grad_clip: float | None = None,
+        max_bad_updates: int = 5,
+        log_grad_norms: bool = False,
         val_every: int = 10,
         val_tasks: int = 64,
         seed: int = 0,
@@ -124,13 +145,19 @@ class MetaTrainer:
         self.optimizer = OPTIMIZERS[optimizer]([top.rule.theta], lr=lr)
         self.epochs, self.meta_batch = epochs, meta_batch
         self.truncation, self.grad_clip = truncation, grad_clip
+        self.max_bad_updates, self.log_grad_norms = max_bad_updates, log_grad_norms
         self.val_every, self.val_tasks = val_every, val_tasks
         self.config = config or {}
         self.tracker = tracker
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.val_seed = seed + 1_000_003
         self.epoch = 0
+        self.bad_updates = 0
         self.history = History()
+        if log_grad_norms:
+            for level in _levels(top):
+                level.track_grad_norm = True
 
     @classmethod
     def from_config(
@@ -149,6 +176,8 @@ class MetaTrainer:
             meta_batch=meta.meta_batch,
             truncation=meta.truncation,
             grad_clip=meta.grad_clip,
+            max_bad_updates=meta.max_bad_updates,
+            log_grad_norms=meta.log_grad_norms,
             val_every=meta.val_every,
             val_tasks=meta.val_tasks,
             seed=config.seed,
@@ -165,13 +194,17 @@ class MetaTrainer:
         return self.run_dir / "best.pt"
 
     def train_epoch(self) -> float:
-        """One unroll of a fresh meta-batch; returns its mean loss per step."""
+        """One unroll of a fresh meta-batch; returns its mean loss per step.
+
+        A segment whose meta-loss or meta-gradient is not finite takes no step and
+        ends the epoch, as its unroll is spoilt; the epoch's loss is then nan.
+        """
         top = self.top
         problem = top.below.sample(
             self.meta_batch, self.generator, "train", top.horizon
         )
         carry = start(problem, top.rule, top.mode)
-        total = 0.0
+        total, norms = 0.0, []
 
         for _ in range(math.ceil(top.horizon / self.truncation)):
             steps = min(self.truncation, top.horizon - carry.step)
@@ -181,15 +214,91 @@ class MetaTrainer:
             loss = meta_loss.mean()
 
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_([top.rule.theta], self.grad_clip)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                # With no clip the norm is measured and nothing is scaled.
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [top.rule.theta], self.grad_clip or math.inf
+                ).item()
+                finite = math.isfinite(norm)
+            if not finite:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._skip(meta_loss, carry.step)
+                return math.nan
             self.optimizer.step()
+            self.bad_updates = 0
 
+            if self.log_grad_norms:
+                norms.append(self._grad_norms(norm, carry))
             carry = carry.detach()
             total += loss.item()
 
+        if norms:
+            self.history.grad_norms.append(
+                {key: sum(n[key] for n in norms) / len(norms) for key in norms[0]}
+            )
         return total / top.horizon
+
+    def _skip(self, meta_loss: Tensor, step: int) -> None:
+        """Count and log a skipped meta-update; stop when too many come in a row."""
+        self.bad_updates += 1
+        self.history.skipped_epochs.append(self.epoch + 1)
+        diverged = int((~torch.isfinite(meta_loss.detach())).sum())
+        logger.warning(
+            "epoch %d: non-finite meta-%s by optimisee step %d (%d of %d problems "
+            "diverged); meta-update skipped, %d in a row, %d in all. The epoch's "
+            "problems are redrawn by epoch_problems(%d) (task seed %d)",
+            self.epoch + 1,
+            "loss" if diverged else "gradient",
+            step,
+            diverged,
+            meta_loss.numel(),
+            self.bad_updates,
+            len(self.history.skipped_epochs),
+            self.epoch,
+            self.seed,
+        )
+        if self.bad_updates >= self.max_bad_updates:
+            raise NonFiniteError(
+                f"{self.bad_updates} meta-updates in a row were not finite (last "
+                f"at epoch {self.epoch + 1}); stopping. The last good checkpoint "
+                f"is {self.checkpoint_path} (epoch {self.epoch}); lower meta.lr or "
+                f"set meta.grad_clip, then rerun with resume=true"
+            )
+
+    def _grad_norms(self, meta_norm: float, carry: Carry) -> dict[str, float]:
+        """The top meta-gradient's norm, and the gradient norm each rule last saw."""
+        norms = {f"level {self.top.depth - 1} meta-gradient": meta_norm}
+        seen = carry.grad.detach().norm(dim=-1).mean().item()
+        for level in _levels(self.top):
+            if level is not self.top:
+                seen = level.grad_norm
+            norms[f"level {level.depth - 1} ({level.rule.kind}) input"] = seen
+        return norms
+
+    def check_meta_gradient(self, directions: int = 3) -> GradientCheck:
+        """Compare the meta-gradient of one truncation segment, on a meta-batch
+        like the training one, with finite differences (see ``diagnostics``)."""
+        return check_meta_gradient(
+            self.top,
+            self.meta_batch,
+            self.truncation,
+            seed=self.seed + 2_000_003,
+            directions=directions,
+        )
+
+    def epoch_problems(self, epoch: int) -> Problem:
+        """The training problems of meta-epoch ``epoch`` (from 0), drawn afresh.
+
+        Problems come from one stream seeded by the run's seed, one draw per
+        epoch, so a fault the log reports at an epoch can be reproduced.
+        """
+        generator = torch.Generator().manual_seed(self.seed)
+        top = self.top
+        for _ in range(epoch):
+            top.below.sample(self.meta_batch, generator, "train", top.horizon)
+        return top.below.sample(self.meta_batch, generator, "train", top.horizon)
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -205,7 +314,30 @@ class MetaTrainer:
         return meta_loss.mean().item() / top.horizon
 
     def train(self) -> History:
-        """Meta-train up to ``epochs``, validating and checkpointing as it goes."""
+        """Meta-train up to ``epochs``, validating and checkpointing as it goes.
+
+        SIGINT (Ctrl-C) stops training after the current epoch, with its
+        checkpoint written; ``history.interrupted`` then says so. A second SIGINT
+        interrupts at once, and the checkpoint of the epoch before still stands.
+        """
+        self.history.interrupted = False
+        stop = []
+
+        def interrupt(signum: int, frame: object) -> None:
+            if stop:
+                raise KeyboardInterrupt
+            stop.append(signum)
+            logger.warning("SIGINT: stopping after epoch %d", self.epoch + 1)
+
+        previous = _install_sigint(interrupt)
+        try:
+            self._train(stop)
+        finally:
+            _install_sigint(previous)
+        self.history.interrupted = bool(stop) and self.epoch < self.epochs
+        return self.history
+
+    def _train(self, stop: list) -> None:
         bar = tqdm(
             range(self.epoch, self.epochs),
             desc="meta-train",
@@ -222,6 +354,14 @@ class MetaTrainer:
             self.history.train_loss.append(train_loss)
             self.epoch = epoch + 1
             metrics = {"meta/train_loss": train_loss}
+            if self.log_grad_norms and math.isfinite(train_loss):
+                norms = self.history.grad_norms[-1]
+                metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
+                logger.info(
+                    "epoch %d gradient norms: %s",
+                    self.epoch,
+                    ", ".join(f"{k} {v:.3g}" for k, v in norms.items()),
+                )
 
             last = self.epoch == self.epochs
             if self.epoch % self.val_every == 0 or last:
@@ -251,7 +391,15 @@ class MetaTrainer:
             bar.set_postfix(loss=f"{train_loss:.4g}")
             if self.tracker is not None:
                 self.tracker.log(metrics, step=self.epoch)
-        return self.history
+            if stop:
+                logger.warning(
+                    "stopped at epoch %d of %d on SIGINT; checkpoint %s; rerun "
+                    "with resume=true to continue",
+                    self.epoch,
+                    self.epochs,
+                    self.checkpoint_path,
+                )
+                break
 
     def rule_payload(self) -> dict:
         """The top rule alone: its kind, constructor arguments and weights."""
@@ -272,6 +420,8 @@ class MetaTrainer:
             "rule": self.rule_payload(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "bad_updates": self.bad_updates,
             "history": vars(self.history),
             "config": self.config,
         }
@@ -318,9 +468,28 @@ class MetaTrainer:
             self.top.rule.theta.copy_(rule["theta"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.generator.set_state(payload["generator"])
+        if "torch_rng" in payload:  # checkpoints of earlier versions lack it
+            torch.set_rng_state(payload["torch_rng"])
+        self.bad_updates = payload.get("bad_updates", 0)
         self.history = History(**payload["history"])
         self.epoch = payload["epoch"]
         logger.info("resumed from %s at epoch %d", self.checkpoint_path, self.epoch)
+
+
+def _levels(top: Level) -> list[Level]:
+    """The levels of a stack from the top down."""
+    levels = [top]
+    while isinstance(levels[-1].below, Level):
+        levels.append(levels[-1].below)
+    return levels
+
+
+def _install_sigint(handler: object) -> object:
+    """Set the SIGINT handler where a process may (its main thread); the old one."""
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals to the caller
+        return handler
 
 
 def _lookup(config: dict, dotted: str) -> object:
