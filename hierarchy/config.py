@@ -183,7 +183,13 @@ def _apply(config: DictConfig, override: str) -> None:
             f"override {override!r} is not of the form key=value "
             f"(for example meta.epochs=50)"
         )
-    value = yaml.safe_load(raw) if raw else None
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        raise ConfigError(
+            f"override {override!r}: the value {raw!r} is not valid YAML; quote "
+            f"strings that hold YAML syntax, e.g. key='[a'"
+        ) from None
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(config, parent) if parent else config
     exists = (

