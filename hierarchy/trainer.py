@@ -223,6 +223,9 @@ class MetaTrainer:
                 ).item()
                 finite = math.isfinite(norm)
             if not finite:
+                # The whole update goes, finite problems' share with it: masking
+                # a diverged problem out would still send nan through the shared
+                # weights' backward (0 * inf).
                 self.optimizer.zero_grad(set_to_none=True)
                 self._skip(meta_loss, carry.step)
                 return math.nan
