@@ -12,7 +12,11 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def run_config(config_path: str | Path, overrides: list[str]) -> int:
-    """Load, meta-train, evaluate, and print each results table; returns exit code."""
+    """Load, meta-train, evaluate, and print each results table; returns exit code.
+
+    Under torchrun every rank runs this and rank 0 alone prints.
+    """
+    from hierarchy import distributed
     from hierarchy.experiment import run
     from hierarchy.trainer import CheckpointError
     from tasks.mnist_data import DataError
@@ -26,7 +30,12 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
     except OSError as error:
         print(f"error: cannot write the run folder: {error}", file=sys.stderr)
         return 2
+    finally:
+        main_rank = distributed.Context.current().is_main
+        distributed.shutdown()
 
+    if not main_rank:
+        return 0
     if "depth" in results:
         print_depth(results["depth"])
     for key, evaluation in results["evaluations"].items():

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from hierarchy.config import Config
+from hierarchy.distributed import Context
 from hierarchy.level import Level
 from hierarchy.unroll import start, unroll
 
@@ -85,7 +86,9 @@ class MetaTrainer:
         run_dir: where checkpoints go.
         optimizer, lr: the hand-designed optimiser of the top level.
         epochs: meta-epochs, each one unroll of a fresh meta-batch.
-        meta_batch: problems unrolled side by side in each epoch.
+        meta_batch: problems unrolled side by side in each epoch, across all
+            processes together when torch.distributed runs several; each unrolls
+            an equal share, so it must be a multiple of their number.
         truncation: steps per segment of truncated backpropagation.
         grad_clip: clip the meta-gradient to this norm, or None.
         val_every, val_tasks: validation schedule and size (fixed val problems).
@@ -119,6 +122,14 @@ class MetaTrainer:
                 f"truncation {truncation} must be between 1 and the horizon "
                 f"{top.horizon}"
             )
+        self.dist = Context.current()
+        if meta_batch % self.dist.world_size:
+            raise ValueError(
+                f"meta_batch {meta_batch} cannot be shared equally by "
+                f"{self.dist.world_size} processes; use a multiple of "
+                f"{self.dist.world_size}"
+            )
+        self.dist.broadcast_(top.rule.theta)  # every rank starts from rank 0's
         self.top = top
         self.run_dir = Path(run_dir)
         self.optimizer = OPTIMIZERS[optimizer]([top.rule.theta], lr=lr)
@@ -170,6 +181,7 @@ class MetaTrainer:
         problem = top.below.sample(
             self.meta_batch, self.generator, "train", top.horizon
         )
+        problem = self.dist.share(problem, self.meta_batch)  # this rank's rows
         carry = start(problem, top.rule, top.mode)
         total = 0.0
 
@@ -182,6 +194,9 @@ class MetaTrainer:
 
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # Every rank now holds the mean meta-gradient; a decision taken on it
+            # (clipping, skipping a step) is the same on every rank.
+            self.dist.average_gradients([top.rule.theta])
             if self.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_([top.rule.theta], self.grad_clip)
             self.optimizer.step()
@@ -189,7 +204,7 @@ class MetaTrainer:
             carry = carry.detach()
             total += loss.item()
 
-        return total / top.horizon
+        return self.dist.mean(total) / top.horizon
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -197,12 +212,13 @@ class MetaTrainer:
         top = self.top
         generator = torch.Generator().manual_seed(self.val_seed)
         problem = top.below.sample(self.val_tasks, generator, "val", top.horizon)
+        problem = self.dist.share(problem, self.val_tasks)
         carry = start(problem, top.rule, top.mode)
         theta = top.rule.theta.detach()
         meta_loss, _ = unroll(
             top.rule, theta, problem, carry, top.horizon, "first_order"
         )
-        return meta_loss.mean().item() / top.horizon
+        return self.dist.mean_of_rows(meta_loss, self.val_tasks) / top.horizon
 
     def train(self) -> History:
         """Meta-train up to ``epochs``, validating and checkpointing as it goes."""
@@ -213,7 +229,7 @@ class MetaTrainer:
             initial=self.epoch,
             total=self.epochs,
             leave=False,
-            disable=None,
+            disable=None if self.dist.is_main else True,
         )
         for epoch in bar:
             start_time = time.perf_counter()
@@ -234,7 +250,8 @@ class MetaTrainer:
                         val_loss,
                         self.epoch,
                     )
-                    save_atomic(self.rule_payload(), self.best_path)
+                    if self.dist.is_main:
+                        save_atomic(self.rule_payload(), self.best_path)
                 logger.info(
                     "epoch %d/%d: meta-loss %.4g, validation %.4g (best %.4g "
                     "at epoch %d)",
@@ -249,8 +266,9 @@ class MetaTrainer:
             self.save()
 
             bar.set_postfix(loss=f"{train_loss:.4g}")
-            if self.tracker is not None:
+            if self.tracker is not None and self.dist.is_main:
                 self.tracker.log(metrics, step=self.epoch)
+        self.dist.barrier()  # rank 0's last files are on disk before anyone reads
         return self.history
 
     def rule_payload(self) -> dict:
@@ -265,7 +283,12 @@ class MetaTrainer:
         }
 
     def save(self) -> None:
-        """Write everything needed to resume exactly, atomically."""
+        """Write everything needed to resume exactly, atomically, from rank 0.
+
+        Every rank resumes from this one file: the task stream is the global one.
+        """
+        if not self.dist.is_main:
+            return
         payload = {
             "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch,
