@@ -220,6 +220,9 @@ def compare_depths(
     steps as meta-training the deep stack took. Returns the learned rules to
     compare on the optimisee, each at its trained weights, and a record.
     """
+    # Known shortcoming: under torchrun every rank runs this comparison whole, on
+    # the same problems (only its two-level meta-training is shared), so its time
+    # does not fall with more processes.
     below, copies = top.below, config.eval.copies
     assert isinstance(below, Level)
     generator = torch.Generator().manual_seed(config.seed + 5)
