@@ -91,6 +91,13 @@ def test_setup_asks_for_torchrun_when_its_variables_are_missing(monkeypatch) -> 
     assert not dist.is_initialized()
 
 
+def test_a_process_computes_on_its_own_gpu_or_the_cpu() -> None:
+    """A GPU named by index must be this process's LOCAL_RANK; the CPU stays."""
+    assert distributed._local_device(torch.device("cpu"), 3) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'cuda:1'.*LOCAL_RANK 0.*'cuda' or 'auto'"):
+        distributed._local_device(torch.device("cuda", 1), 0)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
