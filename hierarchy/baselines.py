@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from hierarchy.distributed import Context
 from hierarchy.level import Task
 from hierarchy.rules import Params, State, UpdateRule, Updates
 
@@ -126,22 +127,25 @@ def tune_learning_rate(
     horizon: int,
     tasks: int,
     seed: int,
+    context: Context | None = None,
 ) -> tuple[HandRule, dict[float, float]]:
     """Pick the learning rate of baseline ``name`` by grid search on train problems.
 
     Every rate runs on the same ``tasks`` problems from the train split; the
     score is the mean loss after ``horizon`` steps (a diverged run scores inf).
-    Returns the baseline at the best rate and the score of every rate.
+    Returns the baseline at the best rate and the score of every rate. With a
+    distributed ``context`` the problems are shared among its ranks, and every
+    rank gets the same scores.
     """
-    from hierarchy.evaluate import trajectory
-
+    context = Context() if context is None else context
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {sorted(BASELINES)}")
     scores: dict[float, float] = {}
     problem = task.sample(tasks, torch.Generator().manual_seed(seed), "train", horizon)
 
     for lr in grid:
-        final = trajectory(BASELINES[name](lr), problem, horizon)[-1].mean().item()
+        curve = context.trajectory(BASELINES[name](lr), problem, horizon)
+        final = curve[-1].mean().item()
         scores[lr] = final if math.isfinite(final) else math.inf
 
     best = min(scores, key=scores.__getitem__)

@@ -12,7 +12,11 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def run_config(config_path: str | Path, overrides: list[str]) -> int:
-    """Load, meta-train, evaluate, and print each results table; returns exit code."""
+    """Load, meta-train, evaluate, and print each results table; returns exit code.
+
+    Under torchrun every rank runs this and rank 0 alone prints.
+    """
+    from hierarchy import distributed
     from hierarchy.experiment import run
     from hierarchy.trainer import CheckpointError, NonFiniteError
     from tasks.mnist_data import DataError
@@ -26,14 +30,20 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
     except OSError as error:
         print(f"error: cannot write the run folder: {error}", file=sys.stderr)
         return 2
+    finally:
+        main_rank = distributed.Context.current().is_main
+        distributed.shutdown()
 
     if results.get("interrupted"):
-        print(
-            f"interrupted: checkpoint in {config.run_dir}; add resume=true to the "
-            f"same command to continue",
-            file=sys.stderr,
-        )
+        if main_rank:
+            print(
+                f"interrupted: checkpoint in {config.run_dir}; add resume=true to "
+                f"the same command to continue",
+                file=sys.stderr,
+            )
         return 130
+    if not main_rank:
+        return 0
     if "depth" in results:
         print_depth(results["depth"])
     for key, evaluation in results["evaluations"].items():

@@ -73,6 +73,9 @@ class MetaConfig:
     lr: float = 0.003
     epochs: int = 100
     meta_batch: int = 32
+    """Problems per meta-update, across all processes together: under torchrun
+    each of N processes unrolls meta_batch / N of them, so the meta-gradient is
+    the one a single process would take. A multiple of N."""
     truncation: int = 20
     grad_clip: Optional[float] = None
     max_bad_updates: int = 5
@@ -220,6 +223,7 @@ def _describe(error: OmegaConfBaseException) -> str:
 def validate(config: Config) -> None:
     """Check values that a type alone cannot, naming the key and what is accepted."""
     from hierarchy.baselines import BASELINES
+    from hierarchy.distributed import world_size_from_env
     from hierarchy.rules import RULES
     from hierarchy.trainer import OPTIMIZERS
     from hierarchy.unroll import MODES
@@ -273,6 +277,21 @@ def validate(config: Config) -> None:
     for key in ("epochs", "meta_batch", "val_every", "val_tasks", "max_bad_updates"):
         if getattr(meta, key) < 1:
             fail(f"meta.{key}", getattr(meta, key), "a positive integer")
+    world_size = world_size_from_env()
+    if meta.meta_batch % world_size:
+        fail(
+            "meta.meta_batch",
+            meta.meta_batch,
+            f"a multiple of the number of processes ({world_size}), each of which "
+            f"unrolls an equal share",
+        )
+    if len(config.levels) > 1 and config.eval.two_level:
+        if config.eval.two_level_meta_batch % world_size:
+            fail(
+                "eval.two_level_meta_batch",
+                config.eval.two_level_meta_batch,
+                f"a multiple of the number of processes ({world_size})",
+            )
     if not meta.lr > 0:
         fail("meta.lr", meta.lr, "a positive number")
     if meta.grad_clip is not None and not meta.grad_clip > 0:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from hierarchy import distributed
 from hierarchy.baselines import BASELINES, tune_learning_rate
 from hierarchy.config import (
     Config,
@@ -26,12 +27,12 @@ from hierarchy.config import (
     TaskConfig,
     task_with_overrides,
 )
+from hierarchy.distributed import Context
 from hierarchy.evaluate import (
     format_table,
     optimise,
     plot_curves,
     summarise,
-    trajectory,
     write_json,
 )
 from hierarchy.level import Level, Task, build_stack
@@ -106,8 +107,12 @@ def build_rule(config: RuleConfig) -> UpdateRule:
 
 
 def build(config: Config) -> tuple[Level, torch.device]:
-    """The stack of levels described by ``config``, on its device."""
-    device = resolve_device(config.device)
+    """The stack of levels described by ``config``, on its device.
+
+    Under torchrun this process joins the process group first, and its device is
+    its own GPU (``cuda:LOCAL_RANK``) or the CPU.
+    """
+    device = distributed.setup(resolve_device(config.device))
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -198,8 +203,7 @@ def train_two_level(config: Config) -> tuple[UpdateRule, torch.Tensor, float]:
     if config.resume and trainer.checkpoint_path.exists():
         trainer.load()
     history = trainer.train()
-    if trainer.best_path.exists():
-        load_rule_weights(top, trainer.best_path)
+    load_best(top, trainer.best_path)
     return top.rule, top.rule.theta.detach(), history.seconds
 
 
@@ -216,6 +220,9 @@ def compare_depths(
     steps as meta-training the deep stack took. Returns the learned rules to
     compare on the optimisee, each at its trained weights, and a record.
     """
+    # Known shortcoming: under torchrun every rank runs this comparison whole, on
+    # the same problems (only its two-level meta-training is shared), so its time
+    # does not fall with more processes.
     below, copies = top.below, config.eval.copies
     assert isinstance(below, Level)
     generator = torch.Generator().manual_seed(config.seed + 5)
@@ -238,14 +245,15 @@ def compare_depths(
     curves[name], trained[name] = optimise(adam, problem, top.horizon)
 
     plot_path = run_dir / "training_curves.png"
-    plot_curves(
-        curves,
-        plot_path,
-        f"level {below.depth - 1} rule ({below.rule.kind}) trained from its "
-        f"initial weights, {copies} copies",
-        xlabel=f"{below.rule.kind} training step",
-        ylabel=f"{below.rule.kind} meta-loss",
-    )
+    if Context.current().is_main:
+        plot_curves(
+            curves,
+            plot_path,
+            f"level {below.depth - 1} rule ({below.rule.kind}) trained from its "
+            f"initial weights, {copies} copies",
+            xlabel=f"{below.rule.kind} training step",
+            ylabel=f"{below.rule.kind} meta-loss",
+        )
     steps = sorted({0, top.horizon // 4, top.horizon // 2, top.horizon})
     learned = {
         name: optimisee_rule(below, config.seed + 4, copies, theta)
@@ -307,6 +315,18 @@ def load_rule_weights(top: Level, path: Path) -> None:
         top.rule.theta.copy_(payload["theta"])
 
 
+def load_best(top: Level, path: Path) -> None:
+    """The top rule at the weights of ``path`` (``best.pt``), where it exists.
+
+    Rank 0 wrote the file and reads it; the other ranks receive its weights, so
+    they need not see rank 0's disk.
+    """
+    context = Context.current()
+    if context.is_main and path.exists():
+        load_rule_weights(top, path)
+    context.broadcast_(top.rule.theta)
+
+
 def evaluate_task(
     config: Config,
     task: Task,
@@ -321,6 +341,7 @@ def evaluate_task(
     each learned rule runs on it once, and each baseline is tuned for each horizon
     and run to it.
     """
+    context = Context.current()
     longest = max(config.eval.horizons)
     generator = torch.Generator().manual_seed(config.seed + 3)
     problem = task.sample(config.eval.tasks, generator, "test", longest)
@@ -328,8 +349,8 @@ def evaluate_task(
     learned_curves = {}
     for entry, (rule, theta) in learned.items():
         start_time = time.perf_counter()
-        learned_curves[entry] = trajectory(
-            rule, problem, longest, desc=f"evaluate {entry} on {name}", theta=theta
+        learned_curves[entry] = context.trajectory(
+            rule, problem, longest, theta, desc=f"evaluate {entry} on {name}"
         )
         logger.info(
             "%s: %s ran %d steps on %d held-out problems in %.1fs",
@@ -352,22 +373,24 @@ def evaluate_task(
                 horizon,
                 config.eval.tune_tasks,
                 seed=config.seed + 2,
+                context=context,
             )
             lrs[baseline] = tuned.lr
-            curves[baseline] = trajectory(tuned.to(device), problem, horizon)
+            curves[baseline] = context.trajectory(tuned.to(device), problem, horizon)
 
         steps = sorted(
             {s for s in config.eval.report_steps if s <= horizon} | {horizon}
         )
         table = format_table(curves, steps, lrs)
         key = f"{name}_T{horizon}"
-        (run_dir / f"table_{key}.txt").write_text(table + "\n")
         plot_path = run_dir / f"curves_{key}.png"
-        plot_curves(
-            curves,
-            plot_path,
-            f"{name}, {horizon} steps, {config.eval.tasks} held-out problems",
-        )
+        if context.is_main:
+            (run_dir / f"table_{key}.txt").write_text(table + "\n")
+            plot_curves(
+                curves,
+                plot_path,
+                f"{name}, {horizon} steps, {config.eval.tasks} held-out problems",
+            )
         logger.info(
             "%s, horizon %d: baselines tuned and run; plot %s", name, horizon, plot_path
         )
@@ -397,14 +420,20 @@ def run(config: Config) -> dict:
     """Meta-train the stack of ``config``, then evaluate it; returns the results.
 
     A run stopped by SIGINT returns its history with ``interrupted`` set and
-    evaluates nothing; ``resume=true`` continues it.
+    evaluates nothing; ``resume=true`` continues it. Under torchrun every rank
+    meta-trains its share and evaluates its share of the held-out problems, and
+    every rank returns the same results; only rank 0 writes files and logs to
+    wandb.
     """
     setup_logging(config.log_level)
     top, device = build(config)  # the device and the data are checked here
+    context = Context.current()
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(OmegaConf.structured(config))
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+
     logger.info(
         "%d-level stack on %s: top rule %s with %d weights, optimisee of %d parameters",
         top.depth,
@@ -414,7 +443,8 @@ def run(config: Config) -> dict:
         _optimisee_dim(top),
     )
 
-    tracker = Tracker(config.wandb.mode, config.wandb.project, run_dir, resolved)
+    wandb_mode = config.wandb.mode if context.is_main else "disabled"
+    tracker = Tracker(wandb_mode, config.wandb.project, run_dir, resolved)
     trainer = MetaTrainer.from_config(top, config, tracker)
     if config.resume and trainer.checkpoint_path.exists():
         trainer.load()
@@ -436,8 +466,7 @@ def run(config: Config) -> dict:
         history.best_epoch,
     )
 
-    if trainer.best_path.exists():
-        load_rule_weights(top, trainer.best_path)
+    load_best(top, trainer.best_path)
     results = {
         "config": resolved,
         "meta_train_seconds": train_seconds,
@@ -459,7 +488,8 @@ def run(config: Config) -> dict:
             evaluate_task(config, task, learned, name, run_dir)
         )
 
-    write_json(run_dir / "results.json", results)
+    if context.is_main:
+        write_json(run_dir / "results.json", results)
     logger.info("results written to %s", run_dir / "results.json")
     return results
 

@@ -9,6 +9,7 @@ Nothing here knows how many levels there are.
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 
@@ -35,6 +36,16 @@ class Problem(ABC):
         The step selects stochastic data (a minibatch), so that every optimiser
         run on this problem sees the same minibatch at the same step.
         """
+
+    def select(self, rows: slice) -> Problem:
+        """The problems ``rows`` (a contiguous slice) of this batch, on their own.
+
+        A process that unrolls its share of a meta-batch needs its rows to be the
+        very problems they are in the whole batch. This version fits any problem:
+        it evaluates the whole batch with the other rows held at their initial
+        parameters. Problems override it to hold and evaluate only their rows.
+        """
+        return RowsOf(self, rows)
 
 
 class Task(ABC):
@@ -106,15 +117,25 @@ class Level(Task):
         return self
 
     def meta_loss(
-        self, theta: Tensor, batch_size: int, generator: torch.Generator, split: str
+        self,
+        theta: Tensor,
+        batch_size: int,
+        generator: torch.Generator,
+        split: str,
+        rows: slice | None = None,
     ) -> Tensor:
         """Meta-loss (B,) of whole unrolls of fresh problems of the level below.
 
         Each of the B rows of a batched ``theta`` (B, P) unrolls ``meta_batch``
-        problems of its own, and its meta-loss is their mean.
+        problems of its own, and its meta-loss is their mean. With ``rows``, only
+        those of the ``batch_size`` rows are unrolled (B of them), on the same
+        problems of the level below as in the whole batch.
         """
         n = self.meta_batch
         problem = self.below.sample(batch_size * n, generator, split, self.horizon)
+        if rows is not None:
+            problem = problem.select(slice(rows.start * n, rows.stop * n))
+            batch_size = rows.stop - rows.start
         if theta.dim() == 2:
             theta = theta.repeat_interleave(n, dim=0)
         carry = start(problem, self.rule, self.mode)
@@ -147,13 +168,65 @@ class LevelProblem(Problem):
         self.split = split
         self.seed = int(torch.randint(2**62, (1,), generator=generator))
         self._init = level.rule.theta.detach().clone()
+        self.rows: slice | None = None
+        """The rows of the batch this problem holds, after ``select``; None: all."""
 
     def init(self) -> Params:
-        return self._init.expand(self.batch_size, -1).clone()
+        return self._init.expand(self._count, -1).clone()
+
+    @property
+    def _count(self) -> int:
+        rows = self.rows
+        return self.batch_size if rows is None else rows.stop - rows.start
 
     def loss(self, params: Params, step: int) -> Tensor:
         generator = torch.Generator().manual_seed(self.seed + step)
-        return self.level.meta_loss(params, self.batch_size, generator, self.split)
+        return self.level.meta_loss(
+            params, self.batch_size, generator, self.split, self.rows
+        )
+
+    def select(self, rows: slice) -> LevelProblem:
+        start_row, stop_row = _check_rows(rows, self._count)
+        offset = 0 if self.rows is None else self.rows.start
+        chosen = copy.copy(self)
+        chosen.rows = slice(offset + start_row, offset + stop_row)
+        return chosen
+
+
+class RowsOf(Problem):
+    """Some rows of a problem batch, evaluated through the whole batch.
+
+    The other rows stay at their initial parameters and their losses are dropped.
+    """
+
+    # Known shortcoming: every loss evaluation costs the whole batch's, so a
+    # process unrolling its share of a problem without its own ``select`` saves
+    # only the update rule's work, not the loss's.
+
+    def __init__(self, problem: Problem, rows: slice) -> None:
+        self.problem = problem
+        self.base = problem.init().detach()
+        self.start, self.stop = _check_rows(rows, len(self.base))
+
+    def init(self) -> Params:
+        return self.base[self.start : self.stop].clone()
+
+    def loss(self, params: Params, step: int) -> Tensor:
+        whole = torch.cat(
+            [self.base[: self.start], params, self.base[self.stop :]], dim=0
+        )
+        return self.problem.loss(whole, step)[self.start : self.stop]
+
+
+def _check_rows(rows: slice, batch_size: int) -> tuple[int, int]:
+    """Start and stop of ``rows`` in a batch; a contiguous slice is required."""
+    start_row, stop_row, step = rows.indices(batch_size)
+    if step != 1 or stop_row < start_row:
+        raise ValueError(
+            f"rows {rows} of a batch of {batch_size} problems: expected a "
+            f"contiguous slice with step 1"
+        )
+    return start_row, stop_row
 
 
 def build_stack(

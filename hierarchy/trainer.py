@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from hierarchy.config import Config
 from hierarchy.diagnostics import GradientCheck, check_meta_gradient
+from hierarchy.distributed import Context
 from hierarchy.level import Level, Problem
 from hierarchy.unroll import Carry, start, unroll
 
@@ -102,7 +103,9 @@ class MetaTrainer:
         run_dir: where checkpoints go.
         optimizer, lr: the hand-designed optimiser of the top level.
         epochs: meta-epochs, each one unroll of a fresh meta-batch.
-        meta_batch: problems unrolled side by side in each epoch.
+        meta_batch: problems unrolled side by side in each epoch, across all
+            processes together when torch.distributed runs several; each unrolls
+            an equal share, so it must be a multiple of their number.
         truncation: steps per segment of truncated backpropagation.
         grad_clip: clip the meta-gradient to this norm, or None.
         max_bad_updates: stop after this many non-finite meta-updates in a row.
@@ -140,6 +143,14 @@ class MetaTrainer:
                 f"truncation {truncation} must be between 1 and the horizon "
                 f"{top.horizon}"
             )
+        self.dist = Context.current()
+        if meta_batch % self.dist.world_size:
+            raise ValueError(
+                f"meta_batch {meta_batch} cannot be shared equally by "
+                f"{self.dist.world_size} processes; use a multiple of "
+                f"{self.dist.world_size}"
+            )
+        self.dist.broadcast_(top.rule.theta)  # every rank starts from rank 0's
         self.top = top
         self.run_dir = Path(run_dir)
         self.optimizer = OPTIMIZERS[optimizer]([top.rule.theta], lr=lr)
@@ -203,6 +214,7 @@ class MetaTrainer:
         problem = top.below.sample(
             self.meta_batch, self.generator, "train", top.horizon
         )
+        problem = self.dist.share(problem, self.meta_batch)  # this rank's rows
         carry = start(problem, top.rule, top.mode)
         total, norms = 0.0, []
 
@@ -214,15 +226,19 @@ class MetaTrainer:
             loss = meta_loss.mean()
 
             self.optimizer.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
+            if torch.isfinite(loss):
                 loss.backward()
-                # With no clip the norm is measured and nothing is scaled.
-                norm = torch.nn.utils.clip_grad_norm_(
-                    [top.rule.theta], self.grad_clip or math.inf
-                ).item()
-                finite = math.isfinite(norm)
-            if not finite:
+            else:
+                # A non-finite share spoils the mean gradient on every rank alike.
+                top.rule.theta.grad = torch.full_like(top.rule.theta, math.nan)
+            # Every rank now holds the mean meta-gradient; a decision taken on it
+            # (clipping, skipping a step) is the same on every rank.
+            self.dist.average_gradients([top.rule.theta])
+            # With no clip the norm is measured and nothing is scaled.
+            norm = torch.nn.utils.clip_grad_norm_(
+                [top.rule.theta], self.grad_clip or math.inf
+            ).item()
+            if not math.isfinite(norm):
                 # The whole update goes, finite problems' share with it: masking
                 # a diverged problem out would still send nan through the shared
                 # weights' backward (0 * inf).
@@ -241,7 +257,7 @@ class MetaTrainer:
             self.history.grad_norms.append(
                 {key: sum(n[key] for n in norms) / len(norms) for key in norms[0]}
             )
-        return total / top.horizon
+        return self.dist.mean(total) / top.horizon
 
     def _skip(self, meta_loss: Tensor, step: int) -> None:
         """Count and log a skipped meta-update; stop when too many come in a row."""
@@ -309,12 +325,13 @@ class MetaTrainer:
         top = self.top
         generator = torch.Generator().manual_seed(self.val_seed)
         problem = top.below.sample(self.val_tasks, generator, "val", top.horizon)
+        problem = self.dist.share(problem, self.val_tasks)
         carry = start(problem, top.rule, top.mode)
         theta = top.rule.theta.detach()
         meta_loss, _ = unroll(
             top.rule, theta, problem, carry, top.horizon, "first_order"
         )
-        return meta_loss.mean().item() / top.horizon
+        return self.dist.mean_of_rows(meta_loss, self.val_tasks) / top.horizon
 
     def train(self) -> History:
         """Meta-train up to ``epochs``, validating and checkpointing as it goes.
@@ -348,7 +365,7 @@ class MetaTrainer:
             initial=self.epoch,
             total=self.epochs,
             leave=False,
-            disable=None,
+            disable=None if self.dist.is_main else True,
         )
         for epoch in bar:
             start_time = time.perf_counter()
@@ -377,7 +394,8 @@ class MetaTrainer:
                         val_loss,
                         self.epoch,
                     )
-                    save_atomic(self.rule_payload(), self.best_path)
+                    if self.dist.is_main:
+                        save_atomic(self.rule_payload(), self.best_path)
                 logger.info(
                     "epoch %d/%d: meta-loss %.4g, validation %.4g (best %.4g "
                     "at epoch %d)",
@@ -392,9 +410,11 @@ class MetaTrainer:
             self.save()
 
             bar.set_postfix(loss=f"{train_loss:.4g}")
-            if self.tracker is not None:
+            if self.tracker is not None and self.dist.is_main:
                 self.tracker.log(metrics, step=self.epoch)
-            if stop:
+            # All ranks stop at the same epoch, whichever of them saw SIGINT.
+            if self.dist.any(bool(stop)):
+                stop.append(signal.SIGINT)
                 logger.warning(
                     "stopped at epoch %d of %d on SIGINT; checkpoint %s; rerun "
                     "with resume=true to continue",
@@ -403,6 +423,7 @@ class MetaTrainer:
                     self.checkpoint_path,
                 )
                 break
+        self.dist.barrier()  # rank 0's last files are on disk before anyone reads
 
     def rule_payload(self) -> dict:
         """The top rule alone: its kind, constructor arguments and weights."""
@@ -416,7 +437,12 @@ class MetaTrainer:
         }
 
     def save(self) -> None:
-        """Write everything needed to resume exactly, atomically."""
+        """Write everything needed to resume exactly, atomically, from rank 0.
+
+        Every rank resumes from this one file: the task stream is the global one.
+        """
+        if not self.dist.is_main:
+            return
         payload = {
             "format": CHECKPOINT_FORMAT,
             "epoch": self.epoch,

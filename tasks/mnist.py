@@ -45,6 +45,11 @@ class MLPProblem(Problem):
     def init(self) -> Params:
         return self.x0.clone()
 
+    def select(self, rows: slice) -> MLPProblem:
+        return MLPProblem(
+            self.task, self.x0[rows], self.images, self.labels, self.batches[:, rows]
+        )
+
     def loss(self, params: Params, step: int) -> Tensor:
         index = self.batches[step % len(self.batches)]
         x, y = self.images[index], self.labels[index]

@@ -35,6 +35,11 @@ class ModuleProblem(Problem):
     def init(self) -> Params:
         return self.x0.clone()
 
+    def select(self, rows: slice) -> ModuleProblem:
+        return ModuleProblem(
+            self.task, self.x0[rows], self.inputs, self.targets, self.batches[:, rows]
+        )
+
     def loss(self, params: Params, step: int) -> Tensor:
         index = self.batches[step % len(self.batches)]
         losses = []

@@ -28,6 +28,9 @@ class QuadraticProblem(Problem):
         residual = einsum(self.w, params, "b i j, b j -> b i") - self.y
         return residual.pow(2).sum(dim=-1)
 
+    def select(self, rows: slice) -> QuadraticProblem:
+        return QuadraticProblem(self.w[rows], self.y[rows], self.x0[rows])
+
 
 class QuadraticTask(Task):
     """Quadratics with W, y and the starting point x0 drawn i.i.d. standard normal.

@@ -90,3 +90,17 @@ def tiny_config(tiny_overrides: list[str]) -> Callable[..., Config]:
         return load_config(None, [*tiny_overrides, *overrides])
 
     return make
+
+
+def assert_rows_match(problem, rows: slice, steps=(0, 3)) -> None:
+    """``problem.select(rows)`` starts where those rows do and has their losses."""
+    chosen = problem.select(rows)
+    whole_init = problem.init()
+    torch.testing.assert_close(chosen.init(), whole_init[rows])
+
+    generator = torch.Generator().manual_seed(0)
+    params = whole_init + 0.1 * torch.randn(whole_init.shape, generator=generator)
+    for step in steps:
+        torch.testing.assert_close(
+            chosen.loss(params[rows], step), problem.loss(params, step)[rows]
+        )

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_rows_match
 
-from hierarchy.level import Level, LevelProblem, build_stack
+from hierarchy.level import Level, LevelProblem, Problem, RowsOf, build_stack
 from hierarchy.rules import LSTMRule, MLPRule
 from hierarchy.trainer import MetaTrainer
 from hierarchy.unroll import start, unroll
@@ -158,3 +159,43 @@ def test_four_level_stack_trains(tmp_path: Path) -> None:
     for rule, start_theta in zip(rules[:2], before[:2]):
         assert torch.equal(rule.theta.detach(), start_theta)
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_level_problem_selected_rows_unroll_the_same_problems_below() -> None:
+    """Rows of a level's batch meta-train on the problems they have in the batch,
+    also when a share is split again, and their gradient is the same."""
+    torch.manual_seed(0)
+    level = Level(_tiny_mlp(), QuadraticTask(3), 4, "first_order", meta_batch=2)
+    problem = level.sample(4, torch.Generator().manual_seed(7), "train", 1)
+    assert_rows_match(problem, slice(1, 3))
+    assert_rows_match(problem.select(slice(1, 4)), slice(1, 2))
+
+    phis = problem.init().requires_grad_(True)
+    (whole,) = torch.autograd.grad(problem.loss(phis, 2)[2:].sum(), phis)
+    part = phis[2:].detach().requires_grad_(True)
+    (share,) = torch.autograd.grad(
+        problem.select(slice(2, 4)).loss(part, 2).sum(), part
+    )
+    torch.testing.assert_close(share, whole[2:])
+
+
+class _Bowls(Problem):
+    """Quadratic bowls around per-row centres; no select of its own."""
+
+    def __init__(self) -> None:
+        self.centres = torch.arange(12.0).view(4, 3)
+
+    def init(self) -> torch.Tensor:
+        return torch.zeros(4, 3)
+
+    def loss(self, params: torch.Tensor, step: int) -> torch.Tensor:
+        return (params - self.centres * (step + 1)).pow(2).sum(dim=-1)
+
+
+def test_any_problem_can_be_split_through_the_whole_batch() -> None:
+    """Without a select of its own a problem's rows still have their own losses."""
+    problem = _Bowls()
+    assert isinstance(problem.select(slice(1, 3)), RowsOf)
+    assert_rows_match(problem, slice(1, 3))
+    with pytest.raises(ValueError, match="step 1"):
+        problem.select(slice(0, 4, 2))

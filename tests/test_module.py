@@ -1,6 +1,7 @@
 """Tests for tasks/module.py: an nn.Module optimisee evaluated through higher."""
 
 import torch
+from conftest import assert_rows_match
 from torch import nn
 
 from hierarchy.unroll import loss_and_grad
@@ -63,3 +64,11 @@ def test_module_task_initialisation_is_seeded() -> None:
     assert torch.equal(a.init(), b.init()) and torch.equal(a.batches, b.batches)
     assert not torch.equal(a.init(), c.init())
     assert not torch.equal(a.init()[0], a.init()[1])
+
+
+def test_module_problem_selected_rows_keep_their_networks_and_minibatches() -> None:
+    """A share of a batch of networks has their initialisations and minibatches."""
+    x, y = _data()
+    task = ModuleTask(_mlp, (x, y), (x, y), batch_size=8)
+    problem = task.sample(4, torch.Generator().manual_seed(2), "train", 3)
+    assert_rows_match(problem, slice(1, 3))

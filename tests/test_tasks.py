@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_rows_match
 from torch import nn
 
 from tasks.mnist import MNISTTask
@@ -221,3 +222,11 @@ def test_mnist_build_task_from_idx_root(idx_root) -> None:
         assert torch.equal(labels, torch.from_numpy(arrays[f"{split}_labels"]).long())
     problem = task.sample(2, torch.Generator().manual_seed(0), "test", 3)
     assert problem.images.shape == (len(arrays["test_images"]), 784)
+
+
+@pytest.mark.parametrize("task", [QuadraticTask(3), _task(hidden=(4,), batch_size=5)])
+def test_selected_rows_are_those_problems_of_the_batch(task) -> None:
+    """A share of a batch (for one process of several) keeps its problems' data."""
+    problem = task.sample(6, torch.Generator().manual_seed(1), "train", 4)
+    for rows in (slice(0, 3), slice(3, 6), slice(2, 5)):
+        assert_rows_match(problem, rows)
