@@ -179,6 +179,11 @@ def test_two_processes_match_one_with_the_whole_meta_batch(tiny_overrides, tmp_p
     theta, _ = _train_one_process([*alone, "meta.epochs=6"])
     torch.testing.assert_close(ranks[0]["resumed"], theta, rtol=1e-4, atol=1e-6)
 
+    # A share that diverged on one rank makes every rank skip the same update.
+    for rank in ranks:
+        assert rank["skipped"] == [7]
+        assert torch.equal(rank["after_poison"], rank["resumed"])
+
     assert {Path(p).name for p in ranks[0]["written"]} == {"best.pt", "checkpoint.pt"}
     assert ranks[1]["written"] == []
 
@@ -253,13 +258,29 @@ def _worker(out: Path, overrides: list[str]) -> None:
     trainer = MetaTrainer.from_config(top, config)
     trainer.load()
     trainer.train()
+    resumed = top.rule.theta.detach().clone()
+
+    # Problem 8 explodes: only rank 1's share sees it, and both ranks must skip.
+    sample = top.below.sample
+
+    def poisoned(batch_size, generator, split, horizon):
+        problem = sample(batch_size, generator, split, horizon)
+        if split == "train":
+            problem.w[8] = float("inf")
+        return problem
+
+    top.below.sample = poisoned
+    trainer.epochs = 7
+    trainer.train()
 
     out.mkdir(parents=True, exist_ok=True)
     record = {
         "world_size": context.world_size,
         "initial": initial,
         "trained": trained,
-        "resumed": top.rule.theta.detach().clone(),
+        "resumed": resumed,
+        "after_poison": top.rule.theta.detach().clone(),
+        "skipped": trainer.history.skipped_epochs,
         "history": vars(history),
         "written": rank_written,
         "first_batch": unrolled[0],
