@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hierarchy.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    rule_payload,
+    save_atomic,
+)
 from hierarchy.config import Config
 from hierarchy.level import Level
 from hierarchy.unroll import start, unroll
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = 1
 
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
@@ -47,10 +50,6 @@ class History:
     """Wall time spent in meta-training epochs, summed across resumed runs."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not match the run's config."""
-
-
 # Keys of the resolved config that fix what a checkpoint's numbers mean; the
 # others (epochs, evaluation, logging) may change between a run and its resume.
 STRUCTURAL_KEYS = (
@@ -61,19 +60,6 @@ STRUCTURAL_KEYS = (
     "meta.meta_batch",
     "meta.truncation",
 )
-
-
-def save_atomic(payload: dict, path: Path) -> None:
-    """Write a checkpoint to a temporary file, flush it to disk, then rename it."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class MetaTrainer:
@@ -254,14 +240,7 @@ class MetaTrainer:
 
     def rule_payload(self) -> dict:
         """The top rule alone: its kind, constructor arguments and weights."""
-        rule = self.top.rule
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "kind": rule.kind,
-            "rule_config": rule.config(),
-            "theta": rule.theta.detach().cpu().clone(),
-            "epoch": self.epoch,
-        }
+        return rule_payload(self.top.rule, epoch=self.epoch)
 
     def save(self) -> None:
         """Write everything needed to resume exactly, atomically."""
