@@ -31,7 +31,12 @@ class CheckpointError(ValueError):
 
 
 def save_atomic(payload: dict, path: Path) -> None:
-    """Write a checkpoint to a temporary file, flush it to disk, then rename it."""
+    """Write a checkpoint to a temporary file, flush it to disk, then rename it.
+
+    The folder is made when missing: a trainer may validate, and so write its
+    best rule, before its first checkpoint.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as handle:
@@ -59,7 +64,6 @@ def rule_payload(rule: UpdateRule, epoch: int | None = None) -> dict:
 def save_rule(rule: UpdateRule, path: str | Path, epoch: int | None = None) -> Path:
     """Write ``rule`` as a rule checkpoint that ``load_rule`` reads back exactly."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(rule_payload(rule, epoch), path)
     logger.debug("rule %s written to %s", rule.kind, path)
     return path
