@@ -18,7 +18,7 @@ Two stacks are meta-trained with ``MetaTrainer``:
 Both are evaluated on the same held-out problems against SGD, NAG, RMSprop and
 Adam, each at the learning rate a grid search picks on training problems.
 
-    python examples/custom_level.py [--epochs 60] [--quick]
+    python examples/custom_level.py [--epochs 60] [--quick]  # --quick: seconds
 """
 
 from __future__ import annotations
@@ -193,7 +193,9 @@ def meta_train(top, run_dir: Path, args: argparse.Namespace, lr: float) -> MetaT
 def main(argv: list[str] | None = None) -> dict:
     """Meta-train both stacks, evaluate them with the baselines, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=60, help="meta-epochs per stack")
+    parser.add_argument(
+        "--epochs", type=int, help="meta-epochs per stack: 60, or 2 with --quick"
+    )
     parser.add_argument("--horizon", type=int, default=40, help="optimisee steps")
     parser.add_argument("--meta-batch", type=int, default=16)
     parser.add_argument("--eval-tasks", type=int, default=64)
@@ -204,7 +206,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.epochs, args.horizon, args.meta_batch, args.eval_tasks = 2, 8, 2, 4
+        args.horizon, args.meta_batch, args.eval_tasks = 8, 2, 4
+    if args.epochs is None:
+        args.epochs = 2 if args.quick else 60
+    if args.epochs < 1:
+        parser.error(f"--epochs must be a positive integer, got {args.epochs}")
     setup_logging("WARNING" if args.quick else "INFO")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)

@@ -10,7 +10,6 @@ one runs no pickled code, and every field is checked before a rule is built.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,38 +17,21 @@ import torch
 
 from hierarchy.rules import RULES, UpdateRule
 
-logger = logging.getLogger(__name__)
+# The format version, the error and the atomic write are shared with the
+# training checkpoints of trainer.py, where they are defined.
+from hierarchy.trainer import CHECKPOINT_FORMAT, CheckpointError, save_atomic
 
-CHECKPOINT_FORMAT = 1
-"""Version of the checkpoint layout; files of another version are refused."""
+logger = logging.getLogger(__name__)
 
 RULE_KEYS = ("format", "kind", "rule_config", "theta")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not match what it is loaded into."""
-
-
-def save_atomic(payload: dict, path: Path) -> None:
-    """Write a checkpoint to a temporary file, flush it to disk, then rename it.
-
-    The folder is made when missing: a trainer may validate, and so write its
-    best rule, before its first checkpoint.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def rule_payload(rule: UpdateRule, epoch: int | None = None) -> dict:
-    """The rule alone: format, kind, constructor arguments and weights (on the CPU)."""
+    """The rule alone: format, kind, constructor arguments and weights (on the CPU).
+
+    ``MetaTrainer.rule_payload`` writes the same layout for ``best.pt``; a test
+    keeps the two equal.
+    """
     payload = {
         "format": CHECKPOINT_FORMAT,
         "kind": rule.kind,

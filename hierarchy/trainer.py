@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hierarchy.checkpoint import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    rule_payload,
-    save_atomic,
-)
 from hierarchy.config import Config
 from hierarchy.level import Level
 from hierarchy.unroll import start, unroll
 
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
 
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
@@ -50,6 +47,10 @@ class History:
     """Wall time spent in meta-training epochs, summed across resumed runs."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the run's config."""
+
+
 # Keys of the resolved config that fix what a checkpoint's numbers mean; the
 # others (epochs, evaluation, logging) may change between a run and its resume.
 STRUCTURAL_KEYS = (
@@ -60,6 +61,24 @@ STRUCTURAL_KEYS = (
     "meta.meta_batch",
     "meta.truncation",
 )
+
+
+def save_atomic(payload: dict, path: Path) -> None:
+    """Write a checkpoint to a temporary file, flush it to disk, then rename it.
+
+    The folder is made when missing: a trainer may validate, and so write its
+    best rule, before its first checkpoint.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class MetaTrainer:
@@ -240,7 +259,14 @@ class MetaTrainer:
 
     def rule_payload(self) -> dict:
         """The top rule alone: its kind, constructor arguments and weights."""
-        return rule_payload(self.top.rule, epoch=self.epoch)
+        rule = self.top.rule
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "kind": rule.kind,
+            "rule_config": rule.config(),
+            "theta": rule.theta.detach().cpu().clone(),
+            "epoch": self.epoch,
+        }
 
     def save(self) -> None:
         """Write everything needed to resume exactly, atomically."""

@@ -64,11 +64,15 @@ def test_payload_records_preprocessing_and_output_scale() -> None:
 
 
 def test_trainer_best_checkpoint_reloads_to_the_trained_rule(tiny_config, tmp_path):
-    """best.pt written by MetaTrainer loads to the rule as it was at its epoch."""
+    """best.pt from MetaTrainer has the rule-file layout and loads to its rule."""
     top, _ = build(tiny_config("meta.epochs=2", "meta.val_every=2"))
     trainer = MetaTrainer.from_config(top, tiny_config())
     trainer.run_dir = tmp_path
     trainer.train()
+    written = torch.load(trainer.best_path, weights_only=True)
+    expected = rule_payload(top.rule, epoch=written["epoch"])
+    assert written.keys() == expected.keys()
+    assert written["rule_config"] == expected["rule_config"]
     loaded = load_rule(trainer.best_path)
     for expected, actual in zip(_updates(top.rule), _updates(loaded)):
         assert torch.equal(expected, actual)

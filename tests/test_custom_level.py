@@ -73,7 +73,7 @@ def test_logistic_task_is_seeded_and_checks_its_arguments(custom) -> None:
 
 def test_custom_level_runs_with_a_tiny_budget(custom, tmp_path: Path, capsys) -> None:
     """The example trains both stacks, evaluates and prints the table."""
-    results = custom.main(["--quick", "--run-dir", str(tmp_path)])
+    results = custom.main(["--epochs", "3", "--quick", "--run-dir", str(tmp_path)])
     out = capsys.readouterr().out
     for name in ("adam-2-level", "adam-3-level", "sgd", "nag", "rmsprop", "adam"):
         assert f"\n{name} " in out
