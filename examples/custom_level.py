@@ -32,7 +32,15 @@ import torch.nn.functional as F
 from einops import einsum
 from torch import Tensor
 
-from hierarchy import LSTMRule, MetaTrainer, Problem, Task, UpdateRule, build_stack
+from hierarchy import (
+    Level,
+    LSTMRule,
+    MetaTrainer,
+    Problem,
+    Task,
+    UpdateRule,
+    build_stack,
+)
 from hierarchy.baselines import tune_learning_rate
 from hierarchy.checkpoint import load_rule
 from hierarchy.evaluate import format_table, trajectory
@@ -109,12 +117,8 @@ class LogisticProblem(Problem):
     def __init__(
         self, features: Tensor, labels: Tensor, batches: Tensor, x0: Tensor
     ) -> None:
-        self.features, self.labels, self.batches, self.x0 = (
-            features,
-            labels,
-            batches,
-            x0,
-        )
+        self.features, self.labels = features, labels
+        self.batches, self.x0 = batches, x0
 
     def init(self) -> Tensor:
         return self.x0.clone()
@@ -136,9 +140,10 @@ class LogisticProblem(Problem):
 class LogisticTask(Task):
     """Logistic regression with ``features`` inputs on ``examples`` drawn per problem.
 
-    Feature scales are exp(U(-1.5, 1.5)), so curvature differs by a factor of about
-    20 across coordinates; the true weights are standard normal. Every split draws
-    from the same distribution; held-out problems differ by their random stream.
+    Feature scales are exp(U(-1.5, 1.5)), up to 20 times apart (the curvature up
+    to 400 times), so one learning rate does not suit every coordinate; the true
+    weights are standard normal. Every split draws from the same distribution;
+    held-out problems differ by their random stream.
     """
 
     def __init__(self, features: int = 10, examples: int = 256, batch: int = 32):
@@ -168,7 +173,9 @@ class LogisticTask(Task):
         return LogisticProblem(x, y, batches, x0)
 
 
-def meta_train(top, run_dir: Path, args: argparse.Namespace, lr: float) -> MetaTrainer:
+def meta_train(
+    top: Level, run_dir: Path, args: argparse.Namespace, lr: float
+) -> MetaTrainer:
     """Train ``top.rule`` with torch's Adam; its best validated weights are loaded."""
     trainer = MetaTrainer(
         top,
