@@ -1,10 +1,19 @@
 """hierarchy: optimisers learned by gradient descent, stacked as deep as you like."""
 
 from hierarchy.baselines import BASELINES, HandRule
+from hierarchy.checkpoint import CheckpointError, save_rule
 from hierarchy.config import Config, ConfigError, load_config
 from hierarchy.level import Level, Problem, Task, build_stack
 from hierarchy.optim import LearnedOptimizer, load_rule
-from hierarchy.rules import LSTMRule, MLPRule, UpdateRule, preprocess
+from hierarchy.rules import (
+    LSTMRule,
+    MLPRule,
+    Params,
+    State,
+    UpdateRule,
+    Updates,
+    preprocess,
+)
 from hierarchy.trainer import MetaTrainer
 from hierarchy.unroll import Carry, start, unroll
 
@@ -13,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BASELINES",
     "Carry",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "HandRule",
@@ -21,13 +31,17 @@ __all__ = [
     "Level",
     "MLPRule",
     "MetaTrainer",
+    "Params",
     "Problem",
+    "State",
     "Task",
     "UpdateRule",
+    "Updates",
     "build_stack",
     "load_config",
     "load_rule",
     "preprocess",
+    "save_rule",
     "start",
     "unroll",
 ]

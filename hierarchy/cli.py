@@ -1,12 +1,23 @@
-"""Command-line entry points: run an experiment config with key=value overrides."""
+"""Command-line entry points: train a config, evaluate a trained rule, report results.
+
+``hierarchy train CONFIG [key=value ...]`` meta-trains and evaluates a config;
+``hierarchy evaluate CHECKPOINT [key=value ...]`` evaluates a trained rule (a
+pretrained name, a rule file or a run folder) against tuned baselines;
+``hierarchy report RESULTS`` prints a results.json as Markdown;
+``hierarchy pretrained`` lists the rules shipped in the package.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from hierarchy.config import ConfigError, load_config
+from hierarchy.config import Config, ConfigError, load_config
+from hierarchy.rules import UpdateRule
+
+logger = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -46,14 +57,156 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
         return 0
     if "depth" in results:
         print_depth(results["depth"])
-    for key, evaluation in results["evaluations"].items():
+    print_evaluations(results, Path(config.run_dir))
+    return 0
+
+
+def print_evaluations(results: dict, run_dir: Path) -> None:
+    """Print each evaluation's table and plot, then where results.json went."""
+    for evaluation in results["evaluations"].values():
         print(
             f"\n{evaluation['task']}: mean loss +- standard error over "
             f"{evaluation['tasks']} held-out problems, {evaluation['horizon']} steps"
         )
         print(evaluation["table"])
         print(f"plot: {evaluation['plot']}")
-    print(f"\nall numbers: {Path(config.run_dir) / 'results.json'}")
+    print(f"\nall numbers: {run_dir / 'results.json'}")
+
+
+def resolve_checkpoint(
+    checkpoint: str, config_file: str | None
+) -> tuple[UpdateRule, Path, str]:
+    """The rule that ``checkpoint`` names, the config to evaluate it with, a name.
+
+    ``checkpoint`` is a run folder (its ``best.pt``, else ``rule.pt``), a rule
+    file, or the name of a pretrained rule; a path that exists wins over a name.
+    The config is ``config_file`` when given, else the run's ``config.yaml``
+    beside the rule, else the config recorded with the pretrained rule.
+    """
+    from hierarchy.checkpoint import CheckpointError, load_rule
+    from hierarchy.pretrained import available, config_path, load_pretrained
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        candidates = [path / "best.pt", path / "rule.pt"]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise CheckpointError(
+                f"run folder {str(path)!r} holds neither best.pt nor rule.pt"
+            )
+        rule, config, name = load_rule(found[0]), path / "config.yaml", path.name
+    elif path.is_file():
+        rule = load_rule(path)
+        config, name = path.parent / "config.yaml", path.parent.name or path.stem
+    elif checkpoint in available():
+        rule, config = load_pretrained(checkpoint), config_path(checkpoint)
+        name = checkpoint
+    else:
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} is not a rule file, a run folder or the name "
+            f"of a pretrained rule ({', '.join(available())})"
+        )
+
+    if config_file is not None:
+        config = Path(config_file)
+    elif not config.is_file():
+        raise ConfigError(
+            f"no config.yaml beside {checkpoint!r} to take the task and evaluation "
+            f"settings from; pass --config FILE"
+        )
+    return rule, config, name
+
+
+def evaluate_rule(config: Config, rule: UpdateRule, source: str) -> dict:
+    """Evaluate ``rule`` on the config's task and variations; returns the results.
+
+    The rule is the top of the config's stack. With one level it trains the
+    optimisee directly, and the config's own rule settings are not used; deeper,
+    the config must build a rule of the same kind and settings, and the rule the
+    stack hands down to level 0 is evaluated, as after ``hierarchy train``.
+    Writes the config, tables, plots and results.json into ``config.run_dir``.
+    """
+    import torch
+    from omegaconf import OmegaConf
+
+    from hierarchy.checkpoint import CheckpointError
+    from hierarchy.evaluate import write_json
+    from hierarchy.experiment import build, evaluate_tasks, stack_rule
+    from hierarchy.logging import setup_logging
+
+    setup_logging(config.log_level)
+    top, device = build(config)
+    logger.info(
+        "evaluating %s: a %s rule %s at the top of a %d-level stack, task %s",
+        source,
+        rule.kind,
+        rule.config(),
+        top.depth,
+        config.task.name,
+    )
+    name = "learned"
+    if top.depth == 2:
+        evaluated, theta = rule, rule.theta.detach().to(device)
+    elif (top.rule.kind, top.rule.config()) != (rule.kind, rule.config()):
+        raise CheckpointError(
+            f"{source} holds a {rule.kind!r} rule {rule.config()}; the top level of "
+            f"the config's {top.depth}-level stack is a {top.rule.kind!r} rule "
+            f"{top.rule.config()}"
+        )
+    else:
+        with torch.no_grad():
+            top.rule.theta.copy_(rule.theta)
+        evaluated, theta = stack_rule(config, top)
+        name = f"{evaluated.kind} by {top.rule.kind}"  # as a run of the stack says
+
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(OmegaConf.structured(config))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    learned = {name: (evaluated, theta)}
+    results = {
+        "checkpoint": source,
+        "rule": {"kind": rule.kind, "rule_config": rule.config()},
+        "config": resolved,
+        "evaluations": evaluate_tasks(config, device, learned, run_dir),
+    }
+    write_json(run_dir / "results.json", results)
+    return results
+
+
+def evaluate_checkpoint(
+    checkpoint: str, overrides: list[str], config_file: str | None = None
+) -> int:
+    """Evaluate a trained rule against tuned baselines and print the tables."""
+    from hierarchy.checkpoint import CheckpointError
+    from tasks.mnist_data import DataError
+
+    try:
+        rule, config_source, name = resolve_checkpoint(checkpoint, config_file)
+        default_dir = f"run_dir=runs/evaluate-{name}"
+        try:
+            config = load_config(config_source, [default_dir, *overrides])
+        except ConfigError as error:
+            raise ConfigError(f"{error} (config from {config_source})") from None
+        results = evaluate_rule(config, rule, checkpoint)
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: cannot write the evaluation folder: {error}", file=sys.stderr)
+        return 2
+
+    print_evaluations(results, Path(config.run_dir))
+    return 0
+
+
+def print_pretrained() -> int:
+    """List the pretrained rules with what they are and the command that made them."""
+    from hierarchy.pretrained import available, info
+
+    for name in available():
+        metadata = info(name)
+        print(f"{name}\n  {metadata['description']}\n  made by: {metadata['command']}")
     return 0
 
 
@@ -93,18 +246,39 @@ def print_report(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``hierarchy train CONFIG [key=value ...]`` or ``hierarchy report RESULTS``."""
-    parser = argparse.ArgumentParser(prog="hierarchy", description=__doc__)
+    """``hierarchy train|evaluate|report|pretrained``; see the module docstring."""
+    parser = argparse.ArgumentParser(
+        prog="hierarchy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="meta-train and evaluate a config")
     train.add_argument("config", help="a YAML file, or the name of one in configs/")
     train.add_argument("overrides", nargs="*", help="key=value, e.g. meta.epochs=50")
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a trained rule against tuned baselines"
+    )
+    evaluate.add_argument(
+        "checkpoint", help="a pretrained rule's name, a rule file or a run folder"
+    )
+    evaluate.add_argument(
+        "overrides", nargs="*", help="key=value, e.g. eval.tasks=16 run_dir=out"
+    )
+    evaluate.add_argument(
+        "--config", help="take the task and evaluation settings from this YAML file"
+    )
     report = commands.add_parser("report", help="Markdown table of a results.json")
     report.add_argument("results", help="a results.json written by a run")
+    commands.add_parser("pretrained", help="list the pretrained rules")
     args = parser.parse_args(argv)
 
     if args.command == "report":
         return print_report(Path(args.results))
+    if args.command == "pretrained":
+        return print_pretrained()
+    if args.command == "evaluate":
+        return evaluate_checkpoint(args.checkpoint, args.overrides, args.config)
     config = Path(args.config)
     if not config.exists() and (CONFIGS / f"{args.config}.yaml").exists():
         config = CONFIGS / f"{args.config}.yaml"

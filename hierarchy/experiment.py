@@ -140,7 +140,17 @@ def optimisee_rule(
     the weights they reach, shape (copies, P), are used one level further down.
     """
     theta = level.rule.theta.detach() if theta is None else theta
-    generator = torch.Generator().manual_seed(seed)
+    return _descend(level, theta, copies, torch.Generator().manual_seed(seed))
+
+
+def stack_rule(config: Config, top: Level) -> tuple[UpdateRule, torch.Tensor]:
+    """``optimisee_rule`` of a run: the seed and copies every command uses."""
+    return optimisee_rule(top, config.seed + 5, config.eval.copies)
+
+
+def _descend(
+    level: Level, theta: torch.Tensor, copies: int, generator: torch.Generator
+) -> tuple[UpdateRule, torch.Tensor]:
     while isinstance(level.below, Level):
         problem = level.below.sample(copies, generator, "train", level.horizon)
         _, theta = optimise(level.rule, problem, level.horizon, theta=theta)
@@ -225,14 +235,6 @@ def compare_depths(
     # does not fall with more processes.
     below, copies = top.below, config.eval.copies
     assert isinstance(below, Level)
-    generator = torch.Generator().manual_seed(config.seed + 5)
-    problem = below.sample(copies, generator, "train", top.horizon)
-    curves, trained = {}, {}
-
-    name = f"{below.rule.kind} by {top.rule.kind}"
-    curves[name], trained[name] = optimise(
-        top.rule, problem, top.horizon, desc=f"train {name}"
-    )
     adam, scores = tune_learning_rate(
         "adam",
         below,
@@ -241,8 +243,20 @@ def compare_depths(
         copies,
         seed=config.seed + 6,
     )
-    name = f"{below.rule.kind} by adam"
-    curves[name], trained[name] = optimise(adam, problem, top.horizon)
+
+    # Both train the same copies on the same problems, as stack_rule does, and
+    # the levels further down (if any) again see the same problems for both.
+    generator = torch.Generator().manual_seed(config.seed + 5)
+    problem = below.sample(copies, generator, "train", top.horizon)
+    after_first = generator.get_state()
+    curves, learned = {}, {}
+    for name, rule in (
+        (f"{below.rule.kind} by {top.rule.kind}", top.rule),
+        (f"{below.rule.kind} by adam", adam),
+    ):
+        curves[name], theta = optimise(rule, problem, top.horizon, desc=f"train {name}")
+        generator.set_state(after_first)
+        learned[name] = _descend(below, theta, copies, generator)
 
     plot_path = run_dir / "training_curves.png"
     if Context.current().is_main:
@@ -255,10 +269,6 @@ def compare_depths(
             ylabel=f"{below.rule.kind} meta-loss",
         )
     steps = sorted({0, top.horizon // 4, top.horizon // 2, top.horizon})
-    learned = {
-        name: optimisee_rule(below, config.seed + 4, copies, theta)
-        for name, theta in trained.items()
-    }
     record = {
         "training_curves": {
             "table": format_table(curves, steps, {f"{name}": adam.lr}),
@@ -416,6 +426,24 @@ def evaluate_task(
     return results
 
 
+def evaluate_tasks(
+    config: Config,
+    device: torch.device,
+    learned: dict[str, tuple[UpdateRule, torch.Tensor]],
+    run_dir: Path,
+) -> dict:
+    """``evaluate_task`` on the config's task and on each of its variations."""
+    variations = [("default", config.task)] + [
+        (v.name, task_with_overrides(config.task, v.task, f"eval.variations.{k}.task"))
+        for k, v in enumerate(config.eval.variations)
+    ]
+    evaluations = {}
+    for name, task_config in variations:
+        task = build_task(task_config, device)
+        evaluations.update(evaluate_task(config, task, learned, name, run_dir))
+    return evaluations
+
+
 def run(config: Config) -> dict:
     """Meta-train the stack of ``config``, then evaluate it; returns the results.
 
@@ -476,18 +504,9 @@ def run(config: Config) -> dict:
     if top.depth >= 3:
         learned, results["depth"] = compare_depths(config, top, run_dir)
     else:
-        learned = {"learned": optimisee_rule(top, config.seed + 4)}
+        learned = {"learned": stack_rule(config, top)}
 
-    variations = [("default", config.task)] + [
-        (v.name, task_with_overrides(config.task, v.task, f"eval.variations.{k}.task"))
-        for k, v in enumerate(config.eval.variations)
-    ]
-    for name, task_config in variations:
-        task = build_task(task_config, device)
-        results["evaluations"].update(
-            evaluate_task(config, task, learned, name, run_dir)
-        )
-
+    results["evaluations"] = evaluate_tasks(config, device, learned, run_dir)
     if context.is_main:
         write_json(run_dir / "results.json", results)
     logger.info("results written to %s", run_dir / "results.json")

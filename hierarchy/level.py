@@ -23,7 +23,11 @@ SPLITS = ("train", "val", "test")
 
 
 class Problem(ABC):
-    """A batch of B independent objectives over flat parameters of length D."""
+    """A batch of B independent objectives over flat parameters of length D.
+
+    A new problem writes ``init`` and ``loss``; the loss must be differentiable
+    in ``params`` (twice, for a level unrolled in ``higher`` mode).
+    """
 
     @abstractmethod
     def init(self) -> Params:
@@ -49,7 +53,12 @@ class Problem(ABC):
 
 
 class Task(ABC):
-    """A distribution of problems that a level learns to optimise."""
+    """A distribution of problems that a level learns to optimise.
+
+    A new task sets ``dim`` and writes ``sample``, drawing every random number
+    from ``generator`` so that a seed fixes the problems; one that holds data
+    tensors also writes ``to``. See examples/custom_level.py.
+    """
 
     dim: int
     """Number of parameters D of one problem."""

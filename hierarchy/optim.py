@@ -3,72 +3,70 @@
 The rule is coordinatewise, so it applies to every parameter of any shape: all
 gradients of a parameter group are flattened into one batch of coordinates, the
 rule proposes an update for each, and the updates are written back in place. The
-rule's recurrent state lives in ``self.state[param]`` like Adam's moments, so
-``state_dict`` / ``load_state_dict`` carry it.
+rule's recurrent state lives in ``self.state[param]`` like Adam's moments, on the
+parameter's device, so ``state_dict`` / ``load_state_dict`` carry it.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from hierarchy.rules import RULES, UpdateRule
-from hierarchy.trainer import CHECKPOINT_FORMAT
+from hierarchy.checkpoint import load_rule, rule_payload
+from hierarchy.rules import State, UpdateRule
 
-
-def load_rule(path: str | Path) -> UpdateRule:
-    """Rebuild a trained rule from a rule checkpoint (``best.pt``, ``rule.pt``).
-
-    The file holds the rule's kind, its constructor arguments and its weights; it
-    is read with ``weights_only=True``, so loading runs no pickled code.
-    """
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"rule checkpoint {path} cannot be read: {error}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else None
-        raise ValueError(
-            f"rule checkpoint {path} has format {found!r}; this version reads "
-            f"{CHECKPOINT_FORMAT}"
-        )
-    if payload.get("kind") not in RULES:
-        raise ValueError(
-            f"rule checkpoint {path} holds a {payload.get('kind')!r} rule; "
-            f"learned rules are {sorted(RULES)}"
-        )
-    rule = RULES[payload["kind"]](**payload["rule_config"])
-    if payload["theta"].shape != rule.theta.shape:
-        raise ValueError(
-            f"rule checkpoint {path} has {payload['theta'].numel()} weights; its "
-            f"configuration builds {rule.num_params}"
-        )
-    with torch.no_grad():
-        rule.theta.copy_(payload["theta"])
-    return rule
+__all__ = ["LearnedOptimizer", "load_rule"]
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
     """Apply a trained ``rule`` to model parameters, one step per ``step()``.
 
+    It is used like Adam: ``zero_grad()``, ``loss.backward()``, ``step()``. The
+    rule runs without a graph (under ``torch.no_grad``), on the device of each
+    group's parameters, in float32 (float64 for float64 parameters).
+
     Args:
         params: the model's parameters or parameter groups, as for any optimiser.
         rule: a trained update rule; a frozen copy of it is used.
+        scale: multiplies the rule's proposed update; 1.0 applies the rule as it
+            was trained. A parameter group may set its own ``scale``.
     """
 
-    def __init__(self, params: Iterable, rule: UpdateRule) -> None:
+    def __init__(self, params: Iterable, rule: UpdateRule, scale: float = 1.0) -> None:
         if not isinstance(rule, UpdateRule):
             raise TypeError(
                 f"rule must be a hierarchy UpdateRule, got {type(rule).__name__}"
             )
-        super().__init__(params, defaults={})
         self.rule = copy.deepcopy(rule).requires_grad_(False)
+        self._theta: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        super().__init__(params, defaults={"scale": scale})
+
+    @classmethod
+    def from_pretrained(
+        cls, name: str, params: Iterable, **group_defaults: float
+    ) -> LearnedOptimizer:
+        """An optimiser running the pretrained rule ``name`` shipped in the package.
+
+        ``hierarchy.pretrained.available()`` lists the names; ``group_defaults``
+        are the keyword arguments of the constructor (``scale``).
+        """
+        from hierarchy.pretrained import load_pretrained
+
+        return cls(params, load_pretrained(name), **group_defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group after checking its ``scale``, as torch optimisers check lr."""
+        scale = param_group.get("scale", self.defaults["scale"])
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -81,33 +79,54 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                self._step_group(params)
+                self._step_group(params, group["scale"])
         return loss
 
-    def _step_group(self, params: list[Tensor]) -> None:
-        """One rule evaluation over all coordinates of ``params``, as a batch of 1."""
-        devices = {p.device for p in params}
-        if len(devices) > 1:
-            raise ValueError(
-                f"a parameter group of LearnedOptimizer must sit on one device, "
-                f"got {sorted(map(str, devices))}; use one group per device"
+    def state_dict(self) -> dict:
+        """torch's optimiser state plus the rule (kind, settings, weights).
+
+        The rule's recurrent state only means something under the rule that wrote
+        it, so ``load_state_dict`` refuses a state written under another rule.
+        """
+        state = super().state_dict()
+        state["rule"] = rule_payload(self.rule)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict``; refuse one written under another rule."""
+        saved = state_dict.get("rule")
+        if saved is not None:
+            mine = rule_payload(self.rule)
+            same = (
+                saved.get("kind") == mine["kind"]
+                and saved.get("rule_config") == mine["rule_config"]
+                and isinstance(saved.get("theta"), Tensor)
+                and torch.equal(saved["theta"].cpu(), mine["theta"])
             )
-        sizes = [p.numel() for p in params]
-        grad = rearrange(torch.cat([p.grad.reshape(-1) for p in params]), "n -> 1 n")
-        theta = self.rule.theta.to(grad)
+            if not same:
+                raise ValueError(
+                    f"this optimiser state was written under a {saved.get('kind')!r} "
+                    f"rule {saved.get('rule_config')} with other weights than this "
+                    f"optimiser's {mine['kind']!r} rule {mine['rule_config']}; "
+                    f"build the optimiser with the rule that wrote the state"
+                )
+        rest = {key: value for key, value in state_dict.items() if key != "rule"}
+        super().load_state_dict(rest)
 
-        for p in params:
-            if "rule_state" not in self.state[p]:
-                flat = rearrange(p.detach().reshape(-1), "n -> 1 n").to(grad)
-                self.state[p]["rule_state"] = self.rule.init_state(flat)
-        # Per-coordinate state (1, n, ...) is joined across parameters; a state
-        # shared by all coordinates (such as Adam's step count) is taken once.
-        state = tuple(
-            torch.cat(parts, dim=1) if parts[0].dim() >= 2 else parts[0]
-            for parts in zip(*(self.state[p]["rule_state"] for p in params))
+    def _step_group(self, params: list[Tensor], scale: float) -> None:
+        """One rule evaluation over all coordinates of ``params``, as a batch of 1."""
+        _check_parameters(params)
+        dtype = torch.promote_types(
+            torch.float32, _common_dtype([p.grad.dtype for p in params])
         )
+        sizes = [p.numel() for p in params]
+        grad = torch.cat([p.grad.reshape(-1).to(dtype) for p in params])
+        grad = rearrange(grad, "n -> 1 n")
 
-        update, state = self.rule.update(theta, grad, state)
+        state = self._gather_state(params, grad)
+        update, state = self.rule.update(self._weights(grad), grad, state)
+        if scale != 1.0:
+            update = update * scale
 
         pieces = [
             s.split(sizes, dim=1) if s.dim() >= 2 else [s] * len(params) for s in state
@@ -115,3 +134,56 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for k, (p, delta) in enumerate(zip(params, update.split(sizes, dim=1))):
             p.add_(delta.reshape(p.shape).to(p.dtype))
             self.state[p]["rule_state"] = tuple(piece[k].clone() for piece in pieces)
+
+    def _gather_state(self, params: list[Tensor], grad: Tensor) -> State:
+        """The rule state of ``params`` joined along coordinates, fresh where new."""
+        for p in params:
+            if "rule_state" not in self.state[p]:
+                flat = rearrange(p.detach().reshape(-1), "n -> 1 n").to(grad)
+                self.state[p]["rule_state"] = self.rule.init_state(flat)
+
+        # Per-coordinate state (1, n, ...) is joined across parameters; a state
+        # shared by all coordinates (such as Adam's step count) is taken once.
+        # load_state_dict casts state to each parameter's dtype: cast it back.
+        parts = zip(*(self.state[p]["rule_state"] for p in params))
+        return tuple(
+            torch.cat([s.to(grad) for s in part], dim=1)
+            if part[0].dim() >= 2
+            else part[0].to(grad)
+            for part in parts
+        )
+
+    def _weights(self, like: Tensor) -> Tensor:
+        """The rule's weights on the device and in the dtype of ``like``, cached."""
+        key = (like.device, like.dtype)
+        if key not in self._theta:
+            self._theta[key] = self.rule.theta.detach().to(like)
+        return self._theta[key]
+
+
+def _check_parameters(params: list[Tensor]) -> None:
+    """Refuse what the rule cannot update: sparse or complex gradients, two devices."""
+    for p in params:
+        if p.grad.is_sparse:
+            raise ValueError(
+                f"LearnedOptimizer takes dense gradients; a parameter of shape "
+                f"{tuple(p.shape)} has a sparse one"
+            )
+        if p.is_complex():
+            raise ValueError(
+                f"LearnedOptimizer takes real parameters; one of shape "
+                f"{tuple(p.shape)} is {p.dtype}"
+            )
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(
+            f"a parameter group of LearnedOptimizer must sit on one device, "
+            f"got {sorted(map(str, devices))}; use one group per device"
+        )
+
+
+def _common_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    common = dtypes[0]
+    for dtype in dtypes[1:]:
+        common = torch.promote_types(common, dtype)
+    return common

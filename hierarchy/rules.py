@@ -48,10 +48,21 @@ def preprocess(grad: Tensor, p: float = 10.0) -> Tensor:
 class UpdateRule(nn.Module, ABC):
     """A coordinatewise update rule m(grad, state; theta) -> (update, state).
 
-    Subclasses declare the shapes of their weights and implement ``update``, which
-    must accept ``theta`` either unbatched, shape (P,), when one rule serves every
-    problem in the batch, or batched, shape (B, P), when each problem has weights
-    of its own (a rule being trained by the level above).
+    All weights live in one flat vector ``theta`` so that the level above can
+    train them. The minimum a new rule writes (see examples/custom_level.py):
+
+    - ``__init__``: ``super().__init__(shapes)`` with the named shapes of the
+      weights, then initial values written into ``self.theta``;
+    - ``init_state(params)``: fresh state for parameters (B, D), a tuple of
+      tensors (B, D, ...) per coordinate, a 0-dim tensor for a value shared by
+      all coordinates (a step count), or ``()`` for a stateless rule;
+    - ``update(theta, grad, state)``: updates (B, D) and the new state. ``theta``
+      is (P,) when one rule serves every problem, or (B, P) when each problem has
+      weights of its own (a rule trained by a learned level above);
+      ``self.unflatten(theta)`` reads named weights from either.
+
+    A class attribute ``kind`` and ``config()`` (the constructor arguments) let
+    ``save_rule`` write the rule and ``load_rule(path, rules={kind: cls})`` read it.
     """
 
     kind: str = "rule"

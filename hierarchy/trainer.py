@@ -82,7 +82,11 @@ STRUCTURAL_KEYS = (
 
 
 def save_atomic(payload: dict, path: Path) -> None:
-    """Write a checkpoint to a temporary file, flush it to disk, then rename it."""
+    """Write a checkpoint to a temporary file, flush it to disk, then rename it.
+
+    The folder is made when missing: a trainer may validate, and so write its
+    best rule, before its first checkpoint.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -1,5 +1,6 @@
 """Tests for hierarchy/optim.py: a rule used as a torch.optim.Optimizer."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -91,35 +92,156 @@ def test_parameters_without_gradient_are_left_alone() -> None:
     assert len(optimizer.state) == 3
 
 
-def test_load_rule_gives_the_same_updates_and_refuses_bad_files(tmp_path) -> None:
-    """A saved rule reloads to identical updates; damaged or foreign files fail."""
-    import pytest
+def test_groups_apply_their_own_scale_and_stay_coordinatewise() -> None:
+    """A group's scale multiplies its updates; splitting groups changes nothing else."""
+    x, y = _regression()
+    rule = LSTMRule(hidden_size=5)
+    one, two = _model(), _model()
+    whole = LearnedOptimizer(one.parameters(), rule)
+    split = LearnedOptimizer(
+        [
+            {"params": two[0].parameters()},
+            {"params": two[2].parameters(), "scale": 0.5},
+        ],
+        rule,
+    )
+    before = [p.detach().clone() for p in one.parameters()]
+    for model, optimizer in ((one, whole), (two, split)):
+        optimizer.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        optimizer.step()
 
-    from hierarchy.optim import load_rule
-    from hierarchy.rules import MLPRule
-    from hierarchy.trainer import CHECKPOINT_FORMAT
+    deltas_one = [p - b for p, b in zip(one.parameters(), before)]
+    deltas_two = [p - b for p, b in zip(two.parameters(), before)]
+    for k, (a, b) in enumerate(zip(deltas_one, deltas_two)):
+        factor = 1.0 if k < 2 else 0.5
+        torch.testing.assert_close(b, factor * a, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(a, torch.zeros_like(a))
+    assert [g["scale"] for g in split.param_groups] == [1.0, 0.5]
 
-    rule = MLPRule(hidden_size=5, momenta=(0.5, 0.9))
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "kind": rule.kind,
-        "rule_config": rule.config(),
-        "theta": rule.theta.detach().clone(),
-    }
-    path = tmp_path / "rule.pt"
-    torch.save(payload, path)
-    loaded = load_rule(path)
-    grad = torch.randn(2, 7)
-    expected = rule.update(rule.theta, grad, rule.init_state(grad))[0]
-    actual = loaded.update(loaded.theta, grad, loaded.init_state(grad))[0]
-    assert torch.equal(expected, actual)
 
-    torch.save({**payload, "format": CHECKPOINT_FORMAT + 1}, path)
-    with pytest.raises(ValueError, match="format"):
-        load_rule(path)
-    torch.save({**payload, "kind": "adam"}, path)
-    with pytest.raises(ValueError, match="'adam'"):
-        load_rule(path)
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot be read"):
-        load_rule(path)
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_scale_is_refused(scale: float) -> None:
+    with pytest.raises(ValueError, match=f"scale must be a positive finite.*{scale}"):
+        LearnedOptimizer(_model().parameters(), LSTMRule(hidden_size=2), scale=scale)
+
+
+def test_bad_scale_in_a_group_and_a_non_rule_are_refused() -> None:
+    model = _model()
+    with pytest.raises(TypeError, match="scale must be a number, got str"):
+        LearnedOptimizer(
+            [{"params": model.parameters(), "scale": "1"}], LSTMRule(hidden_size=2)
+        )
+    with pytest.raises(TypeError, match="got Adam"):
+        LearnedOptimizer(model.parameters(), torch.optim.Adam(model.parameters()))
+
+
+def test_parameters_of_any_shape_get_state_of_their_own() -> None:
+    """Scalars, vectors and conv kernels are updated; each keeps (1, n, H) state."""
+    scalar = nn.Parameter(torch.tensor(2.0))
+    conv = nn.Conv2d(2, 3, kernel_size=3)
+    params = [scalar, *conv.parameters()]
+    before = [p.detach().clone() for p in params]
+    optimizer = LearnedOptimizer(params, LSTMRule(hidden_size=4, num_layers=1))
+    images = torch.randn(4, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        optimizer.zero_grad()
+        (scalar * conv(images)).pow(2).mean().backward()
+        optimizer.step()
+
+    for p, b in zip(params, before):
+        assert p.shape == b.shape and not torch.equal(p, b)
+        h, c = optimizer.state[p]["rule_state"]
+        assert h.shape == c.shape == (1, p.numel(), 4)
+        assert h.grad_fn is None and not h.requires_grad
+    assert optimizer.rule.theta.grad is None
+
+
+def test_rule_state_follows_the_parameters_device_and_dtype() -> None:
+    """State is made on the parameters' device and in their dtype (float64 here).
+
+    The meta device stands in for CUDA: a tensor left on the CPU would show.
+    """
+    meta = nn.Parameter(torch.empty(3, 4, device="meta"))
+    meta.grad = torch.empty(3, 4, device="meta")
+    optimizer = LearnedOptimizer([meta], LSTMRule(hidden_size=3))
+    optimizer.step()
+    assert {s.device.type for s in optimizer.state[meta]["rule_state"]} == {"meta"}
+
+    double = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    double.grad = torch.randn(5, dtype=torch.float64)
+    optimizer = LearnedOptimizer([double], LSTMRule(hidden_size=3))
+    optimizer.step()
+    assert double.dtype == torch.float64
+    assert {s.dtype for s in optimizer.state[double]["rule_state"]} == {torch.float64}
+
+
+def test_low_precision_parameters_run_the_rule_in_float32() -> None:
+    """bfloat16 parameters keep their dtype; the rule sees float32 gradients."""
+    rule = LSTMRule(hidden_size=3)
+    half = nn.Parameter(torch.randn(6).to(torch.bfloat16))
+    half.grad = torch.randn(6).to(torch.bfloat16)
+    full = nn.Parameter(half.detach().float().clone())
+    full.grad = half.grad.float()
+    for p in (half, full):
+        LearnedOptimizer([p], rule).step()
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full.to(torch.bfloat16).float())
+
+
+def test_loaded_state_moves_to_the_parameters_device() -> None:
+    """A state saved on the CPU loads onto parameters elsewhere (meta here)."""
+    rule = LSTMRule(hidden_size=3)
+    cpu = nn.Parameter(torch.randn(3, 4))
+    cpu.grad = torch.randn(3, 4)
+    saving = LearnedOptimizer([cpu], rule)
+    saving.step()
+
+    meta = nn.Parameter(torch.empty(3, 4, device="meta"))
+    loading = LearnedOptimizer([meta], rule)
+    loading.load_state_dict(saving.state_dict())
+    assert {s.device.type for s in loading.state[meta]["rule_state"]} == {"meta"}
+
+
+def test_state_written_under_another_rule_is_refused() -> None:
+    model = _model()
+    x, y = _regression()
+    optimizer = LearnedOptimizer(model.parameters(), LSTMRule(hidden_size=4))
+    ((model(x) - y) ** 2).mean().backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    assert state["rule"]["kind"] == "lstm"
+
+    other = LearnedOptimizer(model.parameters(), LSTMRule(hidden_size=4))
+    with pytest.raises(ValueError, match="written under a 'lstm' rule"):
+        other.load_state_dict(state)
+
+
+def test_sparse_gradients_are_refused() -> None:
+    embedding = nn.Embedding(10, 3, sparse=True)
+    optimizer = LearnedOptimizer(embedding.parameters(), LSTMRule(hidden_size=2))
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match=r"dense gradients; .*\(10, 3\)"):
+        optimizer.step()
+
+
+def test_pretrained_rule_trains_a_model_like_adam_would() -> None:
+    """The shipped MNIST rule, in a plain loop, lowers a classifier's loss."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 10, generator=generator) * 2
+    labels = torch.randint(3, (256,), generator=generator)
+    inputs = centres[labels] + torch.randn(256, 10, generator=generator)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Sigmoid(), nn.Linear(16, 3))
+    optimizer = LearnedOptimizer.from_pretrained("lstm-mnist", model.parameters())
+
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(inputs), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.01 * losses[0]

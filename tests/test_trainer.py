@@ -318,3 +318,11 @@ def test_history_keeps_training_time_across_resume(tiny_config, tmp_path) -> Non
     assert second.history.seconds == first.history.seconds > 0
     second.train()
     assert second.history.seconds > first.history.seconds
+
+
+def test_validating_at_the_first_epoch_makes_the_run_folder(tiny_config, tmp_path):
+    """best.pt can be written before the first checkpoint, into a new folder."""
+    trainer = _trainer(tiny_config("meta.epochs=1"), tmp_path / "new" / "run")
+    trainer.val_every = 1
+    trainer.train()
+    assert trainer.best_path.is_file() and trainer.checkpoint_path.is_file()
