@@ -3,6 +3,7 @@
 from hierarchy.baselines import BASELINES, HandRule
 from hierarchy.checkpoint import CheckpointError, save_rule
 from hierarchy.config import Config, ConfigError, load_config
+from hierarchy.diagnostics import GradientCheck, check_meta_gradient
 from hierarchy.level import Level, Problem, Task, build_stack
 from hierarchy.optim import LearnedOptimizer, load_rule
 from hierarchy.rules import (
@@ -14,7 +15,7 @@ from hierarchy.rules import (
     Updates,
     preprocess,
 )
-from hierarchy.trainer import MetaTrainer
+from hierarchy.trainer import MetaTrainer, NonFiniteError
 from hierarchy.unroll import Carry, start, unroll
 
 __version__ = "0.1.0"
@@ -25,12 +26,14 @@ __all__ = [
     "CheckpointError",
     "Config",
     "ConfigError",
+    "GradientCheck",
     "HandRule",
     "LSTMRule",
     "LearnedOptimizer",
     "Level",
     "MLPRule",
     "MetaTrainer",
+    "NonFiniteError",
     "Params",
     "Problem",
     "State",
@@ -38,6 +41,7 @@ __all__ = [
     "UpdateRule",
     "Updates",
     "build_stack",
+    "check_meta_gradient",
     "load_config",
     "load_rule",
     "preprocess",
