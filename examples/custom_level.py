@@ -197,27 +197,37 @@ def meta_train(
     return trainer
 
 
+def _positive(text: str) -> int:
+    """argparse type: a positive integer."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Meta-train both stacks, evaluate them with the baselines, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--epochs", type=int, help="meta-epochs per stack: 60, or 2 with --quick"
-    )
-    parser.add_argument("--horizon", type=int, default=40, help="optimisee steps")
-    parser.add_argument("--meta-batch", type=int, default=16)
-    parser.add_argument("--eval-tasks", type=int, default=64)
+    sizes = {  # flag: (help, default, default with --quick)
+        "--epochs": ("meta-epochs per stack", 60, 2),
+        "--horizon": ("optimisee steps", 40, 8),
+        "--meta-batch": ("problems per meta-update", 16, 2),
+        "--eval-tasks": ("held-out problems", 64, 4),
+    }
+    for flag, (text, default, quick) in sizes.items():
+        parser.add_argument(
+            flag, type=_positive, help=f"{text}: {default}, or {quick} with --quick"
+        )
     parser.add_argument("--run-dir", type=Path, default=Path("runs/custom_level"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--quick", action="store_true", help="a tiny budget, for tests: seconds"
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.horizon, args.meta_batch, args.eval_tasks = 8, 2, 4
-    if args.epochs is None:
-        args.epochs = 2 if args.quick else 60
-    if args.epochs < 1:
-        parser.error(f"--epochs must be a positive integer, got {args.epochs}")
+    for flag, (_, default, quick) in sizes.items():
+        name = flag[2:].replace("-", "_")
+        if getattr(args, name) is None:  # what is given wins over --quick
+            setattr(args, name, quick if args.quick else default)
     setup_logging("WARNING" if args.quick else "INFO")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)

@@ -19,7 +19,12 @@ from hierarchy.rules import RULES, UpdateRule
 
 # The format version, the error and the atomic write are shared with the
 # training checkpoints of trainer.py, where they are defined.
-from hierarchy.trainer import CHECKPOINT_FORMAT, CheckpointError, save_atomic
+from hierarchy.trainer import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    read_checkpoint,
+    save_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +73,7 @@ def load_rule(
     """
     path = Path(path)
     rules = RULES if rules is None else rules
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(
-            f"rule checkpoint {path} cannot be read: {error}"
-        ) from None
+    payload = read_checkpoint(path, "rule checkpoint")
     check_rule_payload(payload, str(path), rules)
 
     try:

@@ -219,6 +219,8 @@ def print_depth(depth: dict) -> None:
     )
     print(curves["table"])
     print(f"plot: {curves['plot']}")
+    if not depth["two_level"]:
+        return
     print(
         f"\nmeta-training the stack took {depth['meta_train_steps']:,} optimisee "
         f"steps; each two-level run below took as many:"
@@ -239,9 +241,18 @@ def print_report(path: Path) -> int:
     if not path.is_file():
         print(f"error: results file {str(path)!r} does not exist", file=sys.stderr)
         return 2
-    evaluations = json.loads(path.read_text())["evaluations"]
-    horizons = sorted({e["horizon"] for e in evaluations.values()})
-    print(markdown_summary(evaluations, horizons))
+    try:
+        evaluations = json.loads(path.read_text())["evaluations"]
+        horizons = sorted({e["horizon"] for e in evaluations.values()})
+        table = markdown_summary(evaluations, horizons)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        print(
+            f"error: {str(path)!r} is not a results.json written by hierarchy "
+            f"train or evaluate (no evaluations with tables in it)",
+            file=sys.stderr,
+        )
+        return 2
+    print(table)
     return 0
 
 
@@ -254,13 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="meta-train and evaluate a config")
-    train.add_argument("config", help="a YAML file, or the name of one in configs/")
+    train.add_argument(
+        "config", nargs="?", help="a YAML file, or the name of one in configs/"
+    )
     train.add_argument("overrides", nargs="*", help="key=value, e.g. meta.epochs=50")
     evaluate = commands.add_parser(
         "evaluate", help="evaluate a trained rule against tuned baselines"
     )
     evaluate.add_argument(
-        "checkpoint", help="a pretrained rule's name, a rule file or a run folder"
+        "checkpoint",
+        nargs="?",
+        help="a pretrained rule's name, a rule file or a run folder",
     )
     evaluate.add_argument(
         "overrides", nargs="*", help="key=value, e.g. eval.tasks=16 run_dir=out"
@@ -271,7 +286,18 @@ def main(argv: list[str] | None = None) -> int:
     report = commands.add_parser("report", help="Markdown table of a results.json")
     report.add_argument("results", help="a results.json written by a run")
     commands.add_parser("pretrained", help="list the pretrained rules")
-    args = parser.parse_args(argv)
+    # Overrides may also follow --config: argparse leaves those to the extras.
+    args, extras = parser.parse_known_args(argv)
+    strays = [extra for extra in extras if extra.startswith("-") or "=" not in extra]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if hasattr(args, "overrides"):
+        args.overrides += extras
+    # Optional in argparse's eyes only so that its message does not call the
+    # overrides required too.
+    needed = {"train": "config", "evaluate": "checkpoint"}.get(args.command)
+    if needed and getattr(args, needed) is None:
+        parser.error(f"{args.command} needs {needed.upper()}; see --help")
 
     if args.command == "report":
         return print_report(Path(args.results))

@@ -7,6 +7,7 @@ unknown key or a value of the wrong type raises ``ConfigError`` naming the key.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         config = OmegaConf.structured(Config)
         if path is not None:
             path = Path(path)
+            if path.is_dir():
+                raise ConfigError(
+                    f"config file {str(path)!r} is a folder; give a YAML file"
+                )
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
             try:
@@ -254,11 +259,11 @@ def validate(config: Config) -> None:
                     "a positive integer",
                 )
         for key in ("out_scale", "preprocess_p", "lr"):
-            if not getattr(level.rule, key) > 0:
+            if not _positive(getattr(level.rule, key)):
                 fail(
                     f"levels.{k}.rule.{key}",
                     getattr(level.rule, key),
-                    "a positive number",
+                    "a positive finite number",
                 )
 
     meta, top = config.meta, config.levels[-1]
@@ -292,9 +297,9 @@ def validate(config: Config) -> None:
                 config.eval.two_level_meta_batch,
                 f"a multiple of the number of processes ({world_size})",
             )
-    if not meta.lr > 0:
-        fail("meta.lr", meta.lr, "a positive number")
-    if meta.grad_clip is not None and not meta.grad_clip > 0:
+    if not _positive(meta.lr):
+        fail("meta.lr", meta.lr, "a positive finite number")
+    if meta.grad_clip is not None and not _positive(meta.grad_clip):
         fail("meta.grad_clip", meta.grad_clip, "a positive norm, or null for none")
     if meta.optimizer not in OPTIMIZERS:
         fail("meta.optimizer", meta.optimizer, f"one of {sorted(OPTIMIZERS)}")
@@ -322,6 +327,11 @@ def validate(config: Config) -> None:
     _validate_eval(config.eval, fail)
 
 
+def _positive(value: float) -> bool:
+    """A positive, finite number (nan and inf are refused)."""
+    return value > 0 and math.isfinite(value)
+
+
 def _validate_task(task: TaskConfig, prefix: str, fail) -> None:
     from tasks.mnist import ACTIVATIONS
 
@@ -347,7 +357,7 @@ def _validate_eval(evaluation: EvalConfig, fail) -> None:
     for name in evaluation.baselines:
         if name not in BASELINES:
             fail("eval.baselines", name, f"names from {sorted(BASELINES)}")
-    if not evaluation.lr_grid or not all(rate > 0 for rate in evaluation.lr_grid):
+    if not evaluation.lr_grid or not all(map(_positive, evaluation.lr_grid)):
         fail("eval.lr_grid", evaluation.lr_grid, "a non-empty list of positive rates")
     for key in ("tasks", "tune_tasks", "copies", "two_level_meta_batch"):
         if getattr(evaluation, key) < 1:

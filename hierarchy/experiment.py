@@ -8,6 +8,7 @@ text table per evaluated task and horizon.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import asdict, replace
@@ -38,7 +39,7 @@ from hierarchy.evaluate import (
 from hierarchy.level import Level, Task, build_stack
 from hierarchy.logging import Tracker, setup_logging
 from hierarchy.rules import RULES, UpdateRule
-from hierarchy.trainer import MetaTrainer
+from hierarchy.trainer import CheckpointError, MetaTrainer, NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -206,12 +207,25 @@ def two_level_config(
     )
 
 
+def resume_or_start(trainer: MetaTrainer, resume: bool) -> None:
+    """Load the run folder's checkpoint to resume; never train over one unasked."""
+    path = trainer.checkpoint_path
+    if path.exists() and resume:
+        trainer.load()
+    elif path.exists():
+        raise CheckpointError(
+            f"{path} holds the checkpoint of an earlier run; add resume=true to "
+            f"continue it, or choose another run_dir (or delete that one)"
+        )
+    elif resume:
+        logger.info("resume=true but %s holds no checkpoint: starting afresh", path)
+
+
 def train_two_level(config: Config) -> tuple[UpdateRule, torch.Tensor, float]:
     """Meta-train a two-level config; its rule at the best weights, and seconds."""
     top, _ = build(config)
     trainer = MetaTrainer.from_config(top, config)
-    if config.resume and trainer.checkpoint_path.exists():
-        trainer.load()
+    resume_or_start(trainer, config.resume)
     history = trainer.train()
     load_best(top, trainer.best_path)
     return top.rule, top.rule.theta.detach(), history.seconds
@@ -455,6 +469,8 @@ def run(config: Config) -> dict:
     """
     setup_logging(config.log_level)
     top, device = build(config)  # the device and the data are checked here
+    trainer = MetaTrainer.from_config(top, config)
+    resume_or_start(trainer, config.resume)  # so is the run folder
     context = Context.current()
     run_dir = Path(config.run_dir)
     resolved = OmegaConf.to_container(OmegaConf.structured(config))
@@ -472,21 +488,21 @@ def run(config: Config) -> dict:
     )
 
     wandb_mode = config.wandb.mode if context.is_main else "disabled"
-    tracker = Tracker(wandb_mode, config.wandb.project, run_dir, resolved)
-    trainer = MetaTrainer.from_config(top, config, tracker)
-    if config.resume and trainer.checkpoint_path.exists():
-        trainer.load()
-    elif config.resume:
-        logger.info("resume=true but %s holds no checkpoint: starting afresh", run_dir)
+    trainer.tracker = Tracker(wandb_mode, config.wandb.project, run_dir, resolved)
     if config.meta.check_gradient:
         logger.info("%s", trainer.check_meta_gradient().summary())
     try:
         history = trainer.train()
     finally:
-        tracker.finish()
+        trainer.tracker.finish()
     train_seconds = history.seconds
     if history.interrupted:
         return {"config": resolved, "interrupted": True, "history": asdict(history)}
+    if not math.isfinite(history.best_val):
+        raise NonFiniteError(
+            f"no validation meta-loss was finite in {trainer.epoch} epochs, so "
+            f"there is no rule to evaluate; lower meta.lr or set meta.grad_clip"
+        )
     logger.info(
         "meta-training took %.1fs in all; best validation %.4g at epoch %d",
         train_seconds,

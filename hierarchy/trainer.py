@@ -81,6 +81,24 @@ STRUCTURAL_KEYS = (
 )
 
 
+# Keys a resumed run may change on purpose (a lower rate after a plateau), with a
+# warning, as the numbers then differ from an uninterrupted run's.
+TUNABLE_KEYS = ("meta.lr", "meta.grad_clip")
+
+
+def read_checkpoint(path: Path, what: str) -> object:
+    """``torch.load`` a checkpoint with ``weights_only=True``; a file that cannot
+    be read raises ``CheckpointError`` with the reason in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        if path.is_file() and path.stat().st_size == 0:
+            reason = "the file is empty"
+        else:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{what} {path} cannot be read: {reason}") from None
+
+
 def save_atomic(payload: dict, path: Path) -> None:
     """Write a checkpoint to a temporary file, flush it to disk, then rename it.
 
@@ -157,6 +175,7 @@ class MetaTrainer:
         self.dist.broadcast_(top.rule.theta)  # every rank starts from rank 0's
         self.top = top
         self.run_dir = Path(run_dir)
+        self.lr = lr
         self.optimizer = OPTIMIZERS[optimizer]([top.rule.theta], lr=lr)
         self.epochs, self.meta_batch = epochs, meta_batch
         self.truncation, self.grad_clip = truncation, grad_clip
@@ -249,7 +268,14 @@ class MetaTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self._skip(meta_loss, carry.step)
                 return math.nan
+            previous = top.rule.theta.detach().clone()
             self.optimizer.step()
+            if not torch.isfinite(top.rule.theta).all():
+                # A finite gradient can still step to inf (an infinite rate).
+                with torch.no_grad():
+                    top.rule.theta.copy_(previous)
+                self._skip(meta_loss, carry.step, "weights after the step")
+                return math.nan
             self.bad_updates = 0
 
             if self.log_grad_norms:
@@ -263,17 +289,19 @@ class MetaTrainer:
             )
         return self.dist.mean(total) / top.horizon
 
-    def _skip(self, meta_loss: Tensor, step: int) -> None:
+    def _skip(self, meta_loss: Tensor, step: int, what: str | None = None) -> None:
         """Count and log a skipped meta-update; stop when too many come in a row."""
         self.bad_updates += 1
         self.history.skipped_epochs.append(self.epoch + 1)
         diverged = int((~torch.isfinite(meta_loss.detach())).sum())
+        if what is None:
+            what = "meta-loss" if diverged else "meta-gradient"
         logger.warning(
-            "epoch %d: non-finite meta-%s by optimisee step %d (%d of %d problems "
+            "epoch %d: non-finite %s by optimisee step %d (%d of %d problems "
             "diverged); meta-update skipped, %d in a row, %d in all. The epoch's "
             "problems are redrawn by epoch_problems(%d) (task seed %d)",
             self.epoch + 1,
-            "loss" if diverged else "gradient",
+            what,
             step,
             diverged,
             meta_loss.numel(),
@@ -471,18 +499,20 @@ class MetaTrainer:
                     f"{old!r}, but the config now has {new!r}; resume with the "
                     f"original value, or use a new run_dir"
                 )
+        for key in TUNABLE_KEYS:
+            old, new = _lookup(saved, key), _lookup(self.config, key)
+            if old != new:
+                logger.warning(
+                    "resuming with %s = %r where the checkpoint had %r: the run "
+                    "will not match one that was never stopped",
+                    key,
+                    new,
+                    old,
+                )
 
     def load(self) -> None:
         """Resume from the latest checkpoint in ``run_dir``."""
-        try:
-            payload = torch.load(
-                self.checkpoint_path, map_location="cpu", weights_only=True
-            )
-        except Exception as error:
-            raise CheckpointError(
-                f"checkpoint {self.checkpoint_path} cannot be read ({error}); "
-                f"delete it to start afresh, or point run_dir elsewhere"
-            ) from None
+        payload = read_checkpoint(self.checkpoint_path, "checkpoint")
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(
                 f"checkpoint {self.checkpoint_path} has format "
@@ -500,6 +530,8 @@ class MetaTrainer:
         with torch.no_grad():
             self.top.rule.theta.copy_(rule["theta"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        for group in self.optimizer.param_groups:  # the config's rate, not the saved
+            group["lr"] = self.lr
         self.generator.set_state(payload["generator"])
         if "torch_rng" in payload:  # checkpoints of earlier versions lack it
             torch.set_rng_state(payload["torch_rng"])

@@ -301,6 +301,7 @@ BAD_INPUTS = [
     (["task.name=cifar"], "'task.name' = 'cifar'"),
     (["device=cuda:0"] if not torch.cuda.is_available() else [], "CUDA"),
     (["task.name=mnist", "task.data_root=DATA"], "MNIST root"),
+    (["meta.lr=inf"], "'meta.lr' = inf: expected a positive finite number"),
 ]
 
 
@@ -495,3 +496,87 @@ def test_random_overrides_load_or_fail_with_config_error(pairs) -> None:
         assert str(error)
     else:
         assert config.levels and config.meta.truncation <= config.levels[-1].horizon
+
+
+def test_resume_with_another_rate_warns_and_uses_it(tiny_config, caplog) -> None:
+    """meta.lr may change on resume, with a warning; the new rate is the one used."""
+    run(tiny_config("meta.epochs=1"))
+    config = tiny_config("meta.epochs=2", "resume=true", "meta.lr=0.5")
+    trainer = _trainer(config)
+    with caplog.at_level(logging.WARNING, logger="hierarchy.trainer"):
+        trainer.load()
+    assert "meta.lr = 0.5 where the checkpoint had 0.003" in caplog.text
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_a_run_folder_with_a_checkpoint_is_not_trained_over(
+    tmp_path: Path, capsys
+) -> None:
+    """Without resume=true an earlier run's checkpoint stays untouched."""
+    overrides = [*TINY_QUADRATIC, f"run_dir={tmp_path / 'run'}", "meta.epochs=1"]
+    assert main(["train", _file(tmp_path), *overrides]) == 0
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    assert main(["train", _file(tmp_path), *overrides, "seed=3"]) == 2
+    assert "add resume=true" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_an_infinite_rate_never_reaches_the_weights(tiny_config) -> None:
+    """A finite meta-gradient times an infinite rate: the step is undone, counted,
+    and the run stops after max_bad_updates with finite weights."""
+    config = tiny_config("meta.epochs=10", "meta.max_bad_updates=2")
+    trainer = _trainer(config, epochs=10)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = math.inf
+    before = trainer.top.rule.theta.detach().clone()
+    with pytest.raises(NonFiniteError):
+        trainer.train()
+    assert torch.equal(trainer.top.rule.theta.detach(), before)
+    assert trainer.history.skipped_epochs == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [(b"", "the file is empty"), (b"\x8a\x0b" * 40, "cannot be read: ")],
+)
+def test_unreadable_checkpoint_gives_one_line(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    from hierarchy.checkpoint import CheckpointError, load_rule
+
+    path = tmp_path / "rule.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=reason) as error:
+        load_rule(path)
+    assert "\n" not in str(error.value)
+
+
+def test_report_refuses_a_file_that_is_not_results(tmp_path: Path, capsys) -> None:
+    for content in ("not json", "{}", "[1, 2]"):
+        path = tmp_path / "results.json"
+        path.write_text(content)
+        assert main(["report", str(path)]) == 2
+        assert "is not a results.json" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options(tmp_path: Path, capsys) -> None:
+    """``hierarchy evaluate NAME --config FILE key=value`` takes the override."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "task: {dim: 10}\nlevels: [{horizon: 5}]\nmeta: {truncation: 5}\n"
+    )
+    code = main(
+        [
+            "evaluate",
+            "lstm-quadratic",
+            "--config",
+            str(config),
+            "eval.tasks=3",
+            "eval.horizons=[4]",
+            "eval.report_steps=[4]",
+            "eval.tune_tasks=2",
+            "eval.lr_grid=[0.1]",
+            f"run_dir={tmp_path / 'out'}",
+        ]
+    )
+    assert code == 0 and "over 3 held-out problems" in capsys.readouterr().out
