@@ -107,7 +107,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             for parts in zip(*(self.state[p]["rule_state"] for p in params))
         )
 
-        update, state = self.rule.update(theta, grad, state)
+        update, state = self.rule.step(theta, grad, state)
 
         pieces = [
             s.split(sizes, dim=1) if s.dim() >= 2 else [s] * len(params) for s in state
