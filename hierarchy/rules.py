@@ -76,9 +76,7 @@ class UpdateRule(nn.Module, ABC):
         # A compiled function is neither copied nor pickled; copies compile anew.
         return {**super().__getstate__(), "_compiled": None}
 
-    def step(
-        self, theta: Tensor, grad: Tensor, state: State
-    ) -> tuple[Updates, State]:
+    def step(self, theta: Tensor, grad: Tensor, state: State) -> tuple[Updates, State]:
         """``update`` as the unroll runs it: compiled and checkpointed if asked.
 
         Both options give the same updates and gradients as plain ``update``; they
