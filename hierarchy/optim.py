@@ -60,14 +60,22 @@ class LearnedOptimizer(torch.optim.Optimizer):
     Args:
         params: the model's parameters or parameter groups, as for any optimiser.
         rule: a trained update rule; a frozen copy of it is used.
+        chunk_size: coordinates per rule evaluation; the rule's temporaries (the
+            LSTM's gates are 4 x hidden floats per coordinate) then stay bounded on
+            large models instead of growing with the parameter count.
     """
 
-    def __init__(self, params: Iterable, rule: UpdateRule) -> None:
+    def __init__(
+        self, params: Iterable, rule: UpdateRule, chunk_size: int = 2**18
+    ) -> None:
         if not isinstance(rule, UpdateRule):
             raise TypeError(
                 f"rule must be a hierarchy UpdateRule, got {type(rule).__name__}"
             )
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         super().__init__(params, defaults={})
+        self.chunk_size = chunk_size
         self.rule = copy.deepcopy(rule).requires_grad_(False)
 
     @torch.no_grad()
@@ -107,7 +115,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             for parts in zip(*(self.state[p]["rule_state"] for p in params))
         )
 
-        update, state = self.rule.step(theta, grad, state)
+        update, state = self._chunked_step(theta, grad, state)
 
         pieces = [
             s.split(sizes, dim=1) if s.dim() >= 2 else [s] * len(params) for s in state
@@ -115,3 +123,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for k, (p, delta) in enumerate(zip(params, update.split(sizes, dim=1))):
             p.add_(delta.reshape(p.shape).to(p.dtype))
             self.state[p]["rule_state"] = tuple(piece[k].clone() for piece in pieces)
+
+    def _chunked_step(self, theta: Tensor, grad: Tensor, state: tuple) -> tuple:
+        """The rule over ``chunk_size`` coordinates at a time; same result."""
+        if grad.shape[1] <= self.chunk_size:
+            return self.rule.step(theta, grad, state)
+        updates, states = [], []
+        for start in range(0, grad.shape[1], self.chunk_size):
+            rows = slice(start, start + self.chunk_size)
+            part = tuple(s[:, rows] if s.dim() >= 2 else s for s in state)
+            update, new = self.rule.step(theta, grad[:, rows], part)
+            updates.append(update)
+            states.append(new)
+        # A state shared by all coordinates comes out equal from every chunk.
+        joined = tuple(
+            torch.cat(parts, dim=1) if parts[0].dim() >= 2 else parts[-1]
+            for parts in zip(*states)
+        )
+        return torch.cat(updates, dim=1), joined
