@@ -66,12 +66,18 @@ def trainer_for(config_name: str, overrides: list[str]) -> MetaTrainer:
 
 
 def meta_training(
-    config_name: str, overrides: list[str], repeats: int, threads: int
+    config_name: str,
+    overrides: list[str],
+    repeats: int,
+    threads: int,
+    compile_rule: bool = True,
 ) -> dict:
     """Seconds per meta-epoch: reference, library, library with a compiled rule."""
     torch.set_num_threads(threads)
     library = trainer_for(config_name, overrides)
-    compiled = trainer_for(config_name, [*overrides, "levels.0.rule.compile=true"])
+    compiled = trainer_for(
+        config_name, [*overrides, f"levels.0.rule.compile={compile_rule}"]
+    )
     torch.set_num_threads(threads)  # the config's own setting is not measured
     top = library.top
     ref = ReferenceLSTM.from_rule(top.rule)
@@ -143,7 +149,9 @@ def mm_seconds(rule: LSTMRule, coordinates: int, repeats: int) -> float:
     return medians({"mm": run}, repeats)["mm"]
 
 
-def optimiser_step(width: int, repeats: int, threads: int) -> dict:
+def optimiser_step(
+    width: int, repeats: int, threads: int, compile_rule: bool = True
+) -> dict:
     """Learned optimiser step against Adam.step and a forward and backward."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -160,7 +168,7 @@ def optimiser_step(width: int, repeats: int, threads: int) -> dict:
     learned = LearnedOptimizer(model.parameters(), rule)
     compiled_rule = LSTMRule()
     compiled_rule.load_state_dict(rule.state_dict())
-    compiled_rule.compile = True
+    compiled_rule.compile = compile_rule
     compiled = LearnedOptimizer(model.parameters(), compiled_rule)
     adam = torch.optim.Adam(model.parameters(), lr=1e-4)
     ref = ReferenceLSTM.from_rule(rule)
