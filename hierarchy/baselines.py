@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from hierarchy.distributed import Context
-from hierarchy.level import Task
+from hierarchy.level import Problem, Task
 from hierarchy.rules import Params, State, UpdateRule, Updates
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,25 @@ BASELINES: dict[str, type[HandRule]] = {
 }
 
 
+def grid_final_losses(
+    name: str, problem: Problem, grid: Sequence[float], horizon: int
+) -> list[float]:
+    """Mean final loss of baseline ``name`` at each rate of ``grid`` on ``problem``.
+
+    All rates run as one batch: the B problems are repeated once per rate and
+    each row carries its own log learning rate, so K rates cost one unroll of K * B
+    problems instead of K unrolls of B.
+    """
+    from hierarchy.evaluate import optimise
+
+    rule = BASELINES[name](1.0)
+    batch = problem.init().shape[0]
+    log_lrs = torch.tensor([math.log(lr) for lr in grid])
+    theta = log_lrs.repeat_interleave(batch).unsqueeze(-1)
+    losses, _ = optimise(rule, problem.repeat(len(grid)), horizon, theta=theta)
+    return losses[-1].view(len(grid), batch).mean(dim=1).tolist()
+
+
 def tune_learning_rate(
     name: str,
     task: Task,
@@ -140,13 +159,20 @@ def tune_learning_rate(
     context = Context() if context is None else context
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {sorted(BASELINES)}")
-    scores: dict[float, float] = {}
     problem = task.sample(tasks, torch.Generator().manual_seed(seed), "train", horizon)
 
-    for lr in grid:
-        curve = context.trajectory(BASELINES[name](lr), problem, horizon)
-        final = curve[-1].mean().item()
-        scores[lr] = final if math.isfinite(final) else math.inf
+    if context.world_size == 1:
+        finals = grid_final_losses(name, problem, grid, horizon)
+    else:
+        # Shares of a batch of problems, not of rates, are what ranks split.
+        finals = [
+            context.trajectory(BASELINES[name](lr), problem, horizon)[-1].mean().item()
+            for lr in grid
+        ]
+    scores = {
+        lr: final if math.isfinite(final) else math.inf
+        for lr, final in zip(grid, finals)
+    }
 
     best = min(scores, key=scores.__getitem__)
     if len(grid) > 1 and best in (min(grid), max(grid)):

@@ -36,6 +36,10 @@ class RuleConfig:
     preprocess_p: float = 10.0
     momenta: list[float] = field(default_factory=lambda: [0.9])
     lr: float = 1e-3
+    compile: bool = False
+    """Run the rule through torch.compile; it runs eagerly if it cannot compile."""
+    checkpoint: bool = False
+    """Recompute the rule's activations in backward (less memory, more time)."""
 
 
 @dataclass

@@ -95,7 +95,15 @@ def build_task(config: TaskConfig, device: torch.device) -> Task:
 def build_rule(config: RuleConfig) -> UpdateRule:
     """A learned rule (``lstm``, ``mlp``) or a hand-designed one (a baseline name)."""
     if config.kind in BASELINES:
-        return BASELINES[config.kind](config.lr)
+        rule: UpdateRule = BASELINES[config.kind](config.lr)
+    else:
+        rule = _learned_rule(config)
+    rule.compile, rule.checkpoint = config.compile, config.checkpoint
+    return rule
+
+
+def _learned_rule(config: RuleConfig) -> UpdateRule:
+    """The learned rule (``lstm`` or ``mlp``) of ``config``."""
     common = dict(
         hidden_size=config.hidden_size,
         num_layers=config.num_layers,

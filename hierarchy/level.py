@@ -51,6 +51,13 @@ class Problem(ABC):
         """
         return RowsOf(self, rows)
 
+    def repeat(self, copies: int) -> Problem:
+        """``copies`` copies of this batch one after another: row i * B + b is
+        problem b. Runs several settings (learning rates) as one batch. This
+        version fits any problem by evaluating each copy's rows in turn; problems
+        override it with batch tensors repeated once, evaluated in one go."""
+        return Repeated(self, copies)
+
 
 class Task(ABC):
     """A distribution of problems that a level learns to optimise.
@@ -225,6 +232,23 @@ class RowsOf(Problem):
             [self.base[: self.start], params, self.base[self.stop :]], dim=0
         )
         return self.problem.loss(whole, step)[self.start : self.stop]
+
+
+class Repeated(Problem):
+    """Copies of a problem batch, each evaluated through the problem itself."""
+
+    def __init__(self, problem: Problem, copies: int) -> None:
+        if copies < 1:
+            raise ValueError(f"copies must be a positive integer, got {copies}")
+        self.problem, self.copies = problem, copies
+
+    def init(self) -> Params:
+        return self.problem.init().repeat(self.copies, 1)
+
+    def loss(self, params: Params, step: int) -> Tensor:
+        return torch.cat(
+            [self.problem.loss(part, step) for part in params.chunk(self.copies)]
+        )
 
 
 def _check_rows(rows: slice, batch_size: int) -> tuple[int, int]:

@@ -35,13 +35,25 @@ class LearnedOptimizer(torch.optim.Optimizer):
         rule: a trained update rule; a frozen copy of it is used.
         scale: multiplies the rule's proposed update; 1.0 applies the rule as it
             was trained. A parameter group may set its own ``scale``.
+        chunk_size: coordinates per rule evaluation; the rule's temporaries (the
+            LSTM's gates are 4 x hidden floats per coordinate) then stay bounded on
+            large models instead of growing with the parameter count.
     """
 
-    def __init__(self, params: Iterable, rule: UpdateRule, scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        rule: UpdateRule,
+        scale: float = 1.0,
+        chunk_size: int = 2**18,
+    ) -> None:
         if not isinstance(rule, UpdateRule):
             raise TypeError(
                 f"rule must be a hierarchy UpdateRule, got {type(rule).__name__}"
             )
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.chunk_size = chunk_size
         self.rule = copy.deepcopy(rule).requires_grad_(False)
         self._theta: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         super().__init__(params, defaults={"scale": scale})
@@ -124,7 +136,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         grad = rearrange(grad, "n -> 1 n")
 
         state = self._gather_state(params, grad)
-        update, state = self.rule.update(self._weights(grad), grad, state)
+        update, state = self._chunked_step(self._weights(grad), grad, state)
         if scale != 1.0:
             update = update * scale
 
@@ -159,6 +171,24 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if key not in self._theta:
             self._theta[key] = self.rule.theta.detach().to(like)
         return self._theta[key]
+
+    def _chunked_step(self, theta: Tensor, grad: Tensor, state: tuple) -> tuple:
+        """The rule over ``chunk_size`` coordinates at a time; same result."""
+        if grad.shape[1] <= self.chunk_size:
+            return self.rule.step(theta, grad, state)
+        updates, states = [], []
+        for start in range(0, grad.shape[1], self.chunk_size):
+            rows = slice(start, start + self.chunk_size)
+            part = tuple(s[:, rows] if s.dim() >= 2 else s for s in state)
+            update, new = self.rule.step(theta, grad[:, rows], part)
+            updates.append(update)
+            states.append(new)
+        # A state shared by all coordinates comes out equal from every chunk.
+        joined = tuple(
+            torch.cat(parts, dim=1) if parts[0].dim() >= 2 else parts[-1]
+            for parts in zip(*states)
+        )
+        return torch.cat(updates, dim=1), joined
 
 
 def _check_parameters(params: list[Tensor]) -> None:

@@ -90,7 +90,7 @@ def unroll(
     loss = carry.loss
 
     for step in range(carry.step + 1, carry.step + steps + 1):
-        update, state = rule.update(theta, grad, state)
+        update, state = rule.step(theta, grad, state)
         params = params + update
         loss, grad = loss_and_grad(problem, params, step, mode)
         meta_loss = meta_loss + loss

@@ -50,6 +50,15 @@ class MLPProblem(Problem):
             self.task, self.x0[rows], self.images, self.labels, self.batches[:, rows]
         )
 
+    def repeat(self, copies: int) -> MLPProblem:
+        return MLPProblem(
+            self.task,
+            self.x0.repeat(copies, 1),
+            self.images,
+            self.labels,
+            self.batches.repeat(1, copies, 1),
+        )
+
     def loss(self, params: Params, step: int) -> Tensor:
         index = self.batches[step % len(self.batches)]
         x, y = self.images[index], self.labels[index]

@@ -31,6 +31,13 @@ class QuadraticProblem(Problem):
     def select(self, rows: slice) -> QuadraticProblem:
         return QuadraticProblem(self.w[rows], self.y[rows], self.x0[rows])
 
+    def repeat(self, copies: int) -> QuadraticProblem:
+        return QuadraticProblem(
+            self.w.repeat(copies, 1, 1),
+            self.y.repeat(copies, 1),
+            self.x0.repeat(copies, 1),
+        )
+
 
 class QuadraticTask(Task):
     """Quadratics with W, y and the starting point x0 drawn i.i.d. standard normal.

@@ -245,3 +245,21 @@ def test_pretrained_rule_trains_a_model_like_adam_would() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.01 * losses[0]
+
+
+def test_chunked_step_matches_one_rule_evaluation() -> None:
+    """Evaluating the rule over chunks of coordinates changes no update or state."""
+    torch.manual_seed(0)
+    rule = LSTMRule(hidden_size=4)
+    models = [torch.nn.Linear(7, 5) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    whole = LearnedOptimizer(models[0].parameters(), rule)
+    chunked = LearnedOptimizer(models[1].parameters(), rule, chunk_size=6)
+    inputs = torch.randn(3, 7)
+    for _ in range(3):
+        for model, optimizer in zip(models, (whole, chunked)):
+            optimizer.zero_grad()
+            model(inputs).pow(2).sum().backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)
