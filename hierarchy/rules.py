@@ -96,7 +96,7 @@ class UpdateRule(nn.Module, ABC):
         fn = self._compiled_update() if self.compile else self.update
         # Known shortcoming: checkpointing drops only the rule's activations; the
         # optimisee's graph and the rule state of every step stay, so the peak
-        # fell to 0.6 of the plain one on MNIST, not a quarter (README).
+        # fell to 0.54 of the plain one on MNIST, not a quarter (README).
         if self.checkpoint and torch.is_grad_enabled():
             return checkpoint(fn, theta, grad, state, use_reentrant=False)
         return fn(theta, grad, state)
