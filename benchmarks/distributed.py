@@ -143,7 +143,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--meta-batch", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/distributed.json")
+    )
     args = parser.parse_args()
 
     import torch
@@ -161,10 +163,9 @@ def main() -> None:
                 flush=True,
             )
     record["after"] = machine()
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"written: {args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written: {args.out}")
 
 
 if __name__ == "__main__":
