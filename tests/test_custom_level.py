@@ -82,3 +82,19 @@ def test_custom_level_runs_with_a_tiny_budget(custom, tmp_path: Path, capsys) ->
     for stack in ("two_levels", "three_levels"):
         assert (tmp_path / stack / "best.pt").is_file()
     assert not math.isclose(results["learned"]["adam-2-level"]["lr"], 0.01)
+
+
+def test_custom_level_flags_are_checked_and_win_over_quick(
+    custom, tmp_path: Path, capsys
+) -> None:
+    """A non-positive size is an argparse error naming it; a given size is kept
+    under --quick, which fills in only the sizes not given."""
+    with pytest.raises(SystemExit) as exit_info:
+        custom.main(["--horizon", "0"])
+    assert exit_info.value.code == 2
+    assert "--horizon: expected a positive integer, got 0" in capsys.readouterr().err
+
+    results = custom.main(
+        ["--quick", "--epochs", "1", "--horizon", "6", "--run-dir", str(tmp_path)]
+    )
+    assert all(curve.shape[0] == 6 + 1 for curve in results["curves"].values())

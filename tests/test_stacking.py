@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hierarchy.cli import print_depth
 from hierarchy.experiment import build, level_zero_steps, run, two_level_config
 from hierarchy.level import build_stack
 from hierarchy.rules import LSTMRule, MLPRule
@@ -98,12 +99,16 @@ def test_two_level_mlp_starts_where_the_stack_mlp_starts(three_level) -> None:
     assert torch.equal(alone.rule.theta, top.below.rule.theta)
 
 
-def test_two_level_comparison_can_be_switched_off(three_level) -> None:
-    """eval.two_level=false keeps the depth comparison to the training curves."""
+def test_two_level_comparison_can_be_switched_off(three_level, capsys) -> None:
+    """eval.two_level=false keeps the depth comparison to the training curves,
+    and the printout announces no two-level runs."""
     results = run(three_level("eval.two_level=false"))
     assert results["depth"]["two_level"] == {}
     summary = results["evaluations"]["default_T10"]["summary"]
     assert list(summary)[:2] == ["mlp by lstm", "mlp by adam"]
+    print_depth(results["depth"])
+    printed = capsys.readouterr().out
+    assert "mlp by lstm" in printed and "two-level" not in printed
 
 
 @pytest.mark.parametrize("top_mode", ["higher", "first_order"])
