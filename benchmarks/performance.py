@@ -12,7 +12,8 @@ learning rate) measured in the same process, interleaved with the library:
    million parameters, against torch.optim.Adam.step and one forward and backward
    of the model; and the rule's matmul FLOP/s against torch.mm at its shapes.
 4. Peak memory of meta-training against truncation and optimisee steps, and with
-   rule checkpointing, each point a fresh process (``epoch_cost.py``).
+   rule checkpointing or chunked segments (``meta.checkpoint_steps``), each point
+   a fresh process (``epoch_cost.py``).
 5. Evaluation: time to tune all four baselines on the grid and run them.
 
     python benchmarks/performance.py [--quick] [--out benchmarks/results/performance]
@@ -236,7 +237,12 @@ def memory(quick: bool) -> dict:
             ],
             epochs,
         )
-        checkpoint = "levels.0.rule.checkpoint=true" in extra
+        if "levels.0.rule.checkpoint=true" in extra:
+            checkpoint = "rule"
+        elif any(o.startswith("meta.checkpoint_steps=") for o in extra):
+            checkpoint = "every 2 steps"
+        else:
+            checkpoint = "off"
         return {
             "horizon": horizon,
             "truncation": truncation,
@@ -252,8 +258,12 @@ def memory(quick: bool) -> dict:
         "by_truncation": [point(longest, t, []) for t in truncations],
         "by_horizon": [point(h, trunc, []) for h in horizons],
         "checkpoint": [
-            point(horizon, trunc, [f"levels.0.rule.checkpoint={flag}"], repeats)
-            for flag in ("false", "true")
+            point(horizon, trunc, extra, repeats)
+            for extra in (
+                [],
+                ["levels.0.rule.checkpoint=true"],
+                ["meta.checkpoint_steps=2"],
+            )
         ],
     }
 
@@ -365,14 +375,14 @@ def markdown(results: dict) -> str:
     m = results["memory"]
     lines += [
         "",
-        "| horizon | truncation | rule checkpointing | peak growth, MiB | s/epoch |",
+        "| horizon | truncation | checkpointing | peak growth, MiB | s/epoch |",
         "|---:|---:|---|---:|---:|",
     ]
     for group in ("by_truncation", "by_horizon", "checkpoint"):
         for row in m[group]:
             lines.append(
                 f"| {row['horizon']} | {row['truncation']} | "
-                f"{'on' if row['checkpoint'] else 'off'} | "
+                f"{row['checkpoint']} | "
                 f"{row['peak_mib']:.0f} | {row['seconds']:.2f} |"
             )
     return "\n".join(lines) + "\n"

@@ -89,6 +89,9 @@ class MetaConfig:
     """Log the meta-gradient norm and the gradient norm each level's rule sees."""
     check_gradient: bool = False
     """Before training, compare the meta-gradient with finite differences."""
+    checkpoint_steps: Optional[int] = None
+    """Keep the graph of this many steps at a time within a truncation segment,
+    rebuilding each in backward (less memory, about one more forward pass)."""
     val_every: int = 10
     val_tasks: int = 64
 
@@ -303,6 +306,12 @@ def validate(config: Config) -> None:
             )
     if not _positive(meta.lr):
         fail("meta.lr", meta.lr, "a positive finite number")
+    if meta.checkpoint_steps is not None and meta.checkpoint_steps < 1:
+        fail(
+            "meta.checkpoint_steps",
+            meta.checkpoint_steps,
+            "a positive number of steps, or null to keep whole segments",
+        )
     if meta.grad_clip is not None and not _positive(meta.grad_clip):
         fail("meta.grad_clip", meta.grad_clip, "a positive norm, or null for none")
     if meta.optimizer not in OPTIMIZERS:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from hierarchy.config import Config
@@ -150,6 +151,7 @@ class MetaTrainer:
         grad_clip: float | None = None,
         max_bad_updates: int = 5,
         log_grad_norms: bool = False,
+        checkpoint_steps: int | None = None,
         val_every: int = 10,
         val_tasks: int = 64,
         seed: int = 0,
@@ -180,6 +182,12 @@ class MetaTrainer:
         self.epochs, self.meta_batch = epochs, meta_batch
         self.truncation, self.grad_clip = truncation, grad_clip
         self.max_bad_updates, self.log_grad_norms = max_bad_updates, log_grad_norms
+        if checkpoint_steps is not None and checkpoint_steps < 1:
+            raise ValueError(
+                f"checkpoint_steps must be a positive integer or None, got "
+                f"{checkpoint_steps}"
+            )
+        self.checkpoint_steps = checkpoint_steps
         self.val_every, self.val_tasks = val_every, val_tasks
         self.config = config or {}
         self.tracker = tracker
@@ -212,6 +220,7 @@ class MetaTrainer:
             grad_clip=meta.grad_clip,
             max_bad_updates=meta.max_bad_updates,
             log_grad_norms=meta.log_grad_norms,
+            checkpoint_steps=meta.checkpoint_steps,
             val_every=meta.val_every,
             val_tasks=meta.val_tasks,
             seed=config.seed,
@@ -243,9 +252,7 @@ class MetaTrainer:
 
         for _ in range(math.ceil(top.horizon / self.truncation)):
             steps = min(self.truncation, top.horizon - carry.step)
-            meta_loss, carry = unroll(
-                top.rule, top.rule.theta, problem, carry, steps, top.mode
-            )
+            meta_loss, carry = self._segment(problem, carry, steps)
             loss = meta_loss.mean()
 
             self.optimizer.zero_grad(set_to_none=True)
@@ -288,6 +295,40 @@ class MetaTrainer:
                 {key: sum(n[key] for n in norms) / len(norms) for key in norms[0]}
             )
         return self.dist.mean(total) / top.horizon
+
+    def _segment(
+        self, problem: Problem, carry: Carry, steps: int
+    ) -> tuple[Tensor, Carry]:
+        """Unroll one truncation segment; with ``checkpoint_steps``, in chunks of
+        that many steps whose graphs are rebuilt one at a time in backward.
+
+        Only the carry at each chunk's start is kept through the forward pass, so
+        the peak holds one chunk's graph instead of the segment's, for about one
+        more forward pass of time. The meta-gradient is the same.
+        """
+        top = self.top
+        if self.checkpoint_steps is None or self.checkpoint_steps >= steps:
+            return unroll(top.rule, top.rule.theta, problem, carry, steps, top.mode)
+        meta_loss, done = 0.0, 0
+        while done < steps:
+            chunk = min(self.checkpoint_steps, steps - done)
+
+            # Reentrant checkpointing takes and gives flat tensors, and runs its
+            # forward without a graph: the unroll's inner gradients build their
+            # own. (The non-reentrant kind unpacks during those inner gradients
+            # and kept more memory than no checkpointing at all.)
+            def run(theta: Tensor, *flat: Tensor, chunk: int = chunk) -> tuple:
+                state = Carry(flat[0], flat[4:], flat[1], flat[2], int(flat[3]))
+                loss, end = unroll(top.rule, theta, problem, state, chunk, top.mode)
+                return (loss, end.params, end.loss, end.grad, *end.state)
+
+            flat = (carry.params, carry.loss, carry.grad, torch.tensor(carry.step))
+            out = checkpoint(
+                run, top.rule.theta, *flat, *carry.state, use_reentrant=True
+            )
+            carry = Carry(out[1], tuple(out[4:]), out[2], out[3], carry.step + chunk)
+            meta_loss, done = meta_loss + out[0], done + chunk
+        return meta_loss, carry
 
     def _skip(self, meta_loss: Tensor, step: int, what: str | None = None) -> None:
         """Count and log a skipped meta-update; stop when too many come in a row."""

@@ -172,3 +172,23 @@ def test_repeat_matches_the_generic_copies(task_name: str) -> None:
     for step in range(3):
         torch.testing.assert_close(own.loss(params, step), generic.loss(params, step))
     torch.testing.assert_close(own.init()[3:], problem.init())
+
+
+@pytest.mark.parametrize("mode", ["first_order", "higher"])
+def test_chunked_segments_give_the_plain_meta_gradient(tiny_config, mode) -> None:
+    """meta.checkpoint_steps rebuilds chunks of a segment in backward: the same
+    training, to float rounding, as keeping the whole segment's graph."""
+    from hierarchy.experiment import build
+    from hierarchy.trainer import MetaTrainer
+
+    thetas = []
+    for chunk in ("null", "2", "3"):
+        config = tiny_config(f"meta.checkpoint_steps={chunk}", f"levels.0.mode={mode}")
+        top, _ = build(config)
+        trainer = MetaTrainer.from_config(top, config)
+        for _ in range(3):
+            trainer.train_epoch()
+        thetas.append(top.rule.theta.detach().clone())
+    for theta in thetas[1:]:
+        torch.testing.assert_close(theta, thetas[0], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(thetas[0], build(tiny_config())[0].rule.theta)
