@@ -317,15 +317,17 @@ class MetaTrainer:
             # forward without a graph: the unroll's inner gradients build their
             # own. (The non-reentrant kind unpacks during those inner gradients
             # and kept more memory than no checkpointing at all.)
-            def run(theta: Tensor, *flat: Tensor, chunk: int = chunk) -> tuple:
-                state = Carry(flat[0], flat[4:], flat[1], flat[2], int(flat[3]))
+            # Defaults bind this chunk's length and first step: backward reruns
+            # the function after the loop has moved on.
+            def run(
+                theta: Tensor, *flat: Tensor, chunk: int = chunk, step: int = carry.step
+            ) -> tuple:
+                state = Carry(flat[0], flat[3:], flat[1], flat[2], step)
                 loss, end = unroll(top.rule, theta, problem, state, chunk, top.mode)
                 return (loss, end.params, end.loss, end.grad, *end.state)
 
-            flat = (carry.params, carry.loss, carry.grad, torch.tensor(carry.step))
-            out = checkpoint(
-                run, top.rule.theta, *flat, *carry.state, use_reentrant=True
-            )
+            flat = (carry.params, carry.loss, carry.grad, *carry.state)
+            out = checkpoint(run, top.rule.theta, *flat, use_reentrant=True)
             carry = Carry(out[1], tuple(out[4:]), out[2], out[3], carry.step + chunk)
             meta_loss, done = meta_loss + out[0], done + chunk
         return meta_loss, carry
