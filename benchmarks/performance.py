@@ -134,20 +134,28 @@ def rule_flops(rule: LSTMRule, coordinates: int) -> int:
 
 
 def mm_seconds(rule: LSTMRule, coordinates: int, repeats: int) -> float:
-    """Median seconds of torch.mm at the rule's matmul shapes, summed over layers."""
+    """Median seconds of torch.mm at the rule's matmul shapes, summed over layers.
+
+    The products write into buffers allocated once, and at least 10 repeats are
+    taken: with a fresh output each time, page faults on hundreds of MiB made the
+    rate swing threefold between runs.
+    """
     hidden, inputs, shapes = rule.hidden_size, 2, []
     for _ in range(rule.num_layers):
         shapes.append((inputs + hidden, 4 * hidden))
         inputs = hidden
     shapes.append((hidden, 1))
-    mats = [(torch.randn(coordinates, i), torch.randn(i, o)) for i, o in shapes]
+    mats = [
+        (torch.randn(coordinates, i), torch.randn(i, o), torch.empty(coordinates, o))
+        for i, o in shapes
+    ]
 
     def run() -> None:
-        for a, b in mats:
-            torch.mm(a, b)
+        for a, b, out in mats:
+            torch.mm(a, b, out=out)
 
     run()
-    return medians({"mm": run}, repeats)["mm"]
+    return medians({"mm": run}, max(repeats, 10))["mm"]
 
 
 def optimiser_step(
