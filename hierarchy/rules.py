@@ -95,8 +95,8 @@ class UpdateRule(nn.Module, ABC):
         """
         fn = self._compiled_update() if self.compile else self.update
         # Checkpointing drops only the rule's activations; the optimisee's graph
-        # and the rule state of every step stay, so the peak falls to 0.55 of the
-        # plain one on MNIST. meta.checkpoint_steps (chunked segments) reaches 0.22.
+        # and the rule state of every step stay, so the peak falls to about half the
+        # plain one on MNIST; meta.checkpoint_steps (chunked segments) reaches 0.24.
         if self.checkpoint and torch.is_grad_enabled():
             return checkpoint(fn, theta, grad, state, use_reentrant=False)
         return fn(theta, grad, state)
