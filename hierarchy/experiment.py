@@ -139,22 +139,27 @@ def build(config: Config) -> tuple[Level, torch.device]:
 
 @torch.no_grad()
 def optimisee_rule(
-    level: Level, seed: int, copies: int = 1, theta: torch.Tensor | None = None
+    level: Level, seed: int, copies: int = 1
 ) -> tuple[UpdateRule, torch.Tensor]:
     """The rule that trains level 0, at the weights the levels above give it.
 
-    ``level``'s rule stands at ``theta`` (its own weights by default). With two
-    levels that is the answer. Deeper, each level's rule trains ``copies`` fresh
-    copies of the rule below it for its horizon, from their initial weights, and
-    the weights they reach, shape (copies, P), are used one level further down.
+    With two levels that is ``level``'s rule at its own weights. Deeper, each
+    level's rule trains ``copies`` fresh copies of the rule below it for its
+    horizon, from their initial weights, and the weights they reach, shape
+    (copies, P), are used one level further down.
     """
-    theta = level.rule.theta.detach() if theta is None else theta
-    return _descend(level, theta, copies, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return _descend(level, level.rule.theta.detach(), copies, generator)
 
 
 def stack_rule(config: Config, top: Level) -> tuple[UpdateRule, torch.Tensor]:
     """``optimisee_rule`` of a run: the seed and copies every command uses."""
-    return optimisee_rule(top, config.seed + 5, config.eval.copies)
+    return optimisee_rule(top, _stack_seed(config), config.eval.copies)
+
+
+def _stack_seed(config: Config) -> int:
+    """Seed of the problems on which a run's deep stack trains its lower rules."""
+    return config.seed + 5
 
 
 def _descend(
@@ -268,13 +273,14 @@ def compare_depths(
 
     # Both train the same copies on the same problems, as stack_rule does, and
     # the levels further down (if any) again see the same problems for both.
-    generator = torch.Generator().manual_seed(config.seed + 5)
+    generator = torch.Generator().manual_seed(_stack_seed(config))
     problem = below.sample(copies, generator, "train", top.horizon)
     after_first = generator.get_state()
     curves, learned = {}, {}
+    by_adam = f"{below.rule.kind} by adam"
     for name, rule in (
         (f"{below.rule.kind} by {top.rule.kind}", top.rule),
-        (f"{below.rule.kind} by adam", adam),
+        (by_adam, adam),
     ):
         curves[name], theta = optimise(rule, problem, top.horizon, desc=f"train {name}")
         generator.set_state(after_first)
@@ -293,7 +299,7 @@ def compare_depths(
     steps = sorted({0, top.horizon // 4, top.horizon // 2, top.horizon})
     record = {
         "training_curves": {
-            "table": format_table(curves, steps, {f"{name}": adam.lr}),
+            "table": format_table(curves, steps, {by_adam: adam.lr}),
             "plot": str(plot_path),
             "adam_lr": adam.lr,
             "adam_tuning_scores": {str(k): v for k, v in scores.items()},
