@@ -117,6 +117,10 @@ class Level(Task):
         self.mode = mode
         self.meta_batch = meta_batch
         self.dim = rule.num_params
+        self.keep_graph = True
+        """False: this level's unroll drops the graph of each loss of the level
+        below (see ``loss_and_grad``). ``MetaTrainer`` sets it where the unroll is
+        first_order and its meta-loss is differentiated once only."""
         self.track_grad_norm = False
         self.grad_norm = math.nan
         """With ``track_grad_norm``: mean norm of the gradient the rule saw at the
@@ -154,8 +158,10 @@ class Level(Task):
             batch_size = rows.stop - rows.start
         if theta.dim() == 2:
             theta = theta.repeat_interleave(n, dim=0)
-        carry = start(problem, self.rule, self.mode)
-        loss, carry = unroll(self.rule, theta, problem, carry, self.horizon, self.mode)
+        carry = start(problem, self.rule, self.mode, self.keep_graph)
+        loss, carry = unroll(
+            self.rule, theta, problem, carry, self.horizon, self.mode, self.keep_graph
+        )
         if self.track_grad_norm:
             self.grad_norm = carry.grad.detach().norm(dim=-1).mean().item()
         return loss.view(batch_size, n).mean(dim=1)

@@ -35,9 +35,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         rule: a trained update rule; a frozen copy of it is used.
         scale: multiplies the rule's proposed update; 1.0 applies the rule as it
             was trained. A parameter group may set its own ``scale``.
-        chunk_size: coordinates per rule evaluation; the rule's temporaries (the
+        chunk_size: coordinates per rule evaluation. The rule's temporaries (the
             LSTM's gates are 4 x hidden floats per coordinate) then stay bounded on
-            large models instead of growing with the parameter count.
+            large models, and the default keeps them in a CPU's cache.
     """
 
     def __init__(
@@ -45,7 +45,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         params: Iterable,
         rule: UpdateRule,
         scale: float = 1.0,
-        chunk_size: int = 2**18,
+        chunk_size: int = 2**15,
     ) -> None:
         if not isinstance(rule, UpdateRule):
             raise TypeError(
@@ -56,6 +56,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.chunk_size = chunk_size
         self.rule = copy.deepcopy(rule).requires_grad_(False)
         self._theta: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._joint: dict[tuple[int, ...], tuple] = {}
         super().__init__(params, defaults={"scale": scale})
 
     @classmethod
@@ -131,39 +132,51 @@ class LearnedOptimizer(torch.optim.Optimizer):
         dtype = torch.promote_types(
             torch.float32, _common_dtype([p.grad.dtype for p in params])
         )
-        sizes = [p.numel() for p in params]
         grad = torch.cat([p.grad.reshape(-1).to(dtype) for p in params])
         grad = rearrange(grad, "n -> 1 n")
 
-        state = self._gather_state(params, grad)
-        update, state = self._chunked_step(self._weights(grad), grad, state)
+        state = self._joint_state(params, grad)
+        update = self._chunked_step(self._weights(grad), grad, state)
         if scale != 1.0:
             update = update * scale
 
+        sizes = [p.numel() for p in params]
+        for p, delta in zip(params, update.split(sizes, dim=1)):
+            p.add_(delta.reshape(p.shape).to(p.dtype))
+
+    def _joint_state(self, params: list[Tensor], grad: Tensor) -> State:
+        """The rule state of ``params`` as one state over all their coordinates.
+
+        Each parameter's ``rule_state`` is a view into this joint state, so the
+        rule advances every parameter in place and no step joins or splits state.
+        The joint state is rebuilt from the parameters' own states when they were
+        replaced (``load_state_dict``), the group changed, or the dtype changed.
+        """
+        key = tuple(id(p) for p in params)
+        joint = self._joint.get(key)
+        if joint is not None and joint[0] == (grad.device, grad.dtype):
+            views = joint[2]
+            if all(self.state[p].get("rule_state") is v for p, v in zip(params, views)):
+                return joint[1]
+
+        # A fresh state in the rule's own layout, with each parameter's saved
+        # state (cast back from whatever load_state_dict made of it) copied in.
+        state = self.rule.init_state(grad)
+        sizes = [p.numel() for p in params]
         pieces = [
             s.split(sizes, dim=1) if s.dim() >= 2 else [s] * len(params) for s in state
         ]
-        for k, (p, delta) in enumerate(zip(params, update.split(sizes, dim=1))):
-            p.add_(delta.reshape(p.shape).to(p.dtype))
-            self.state[p]["rule_state"] = tuple(piece[k].clone() for piece in pieces)
-
-    def _gather_state(self, params: list[Tensor], grad: Tensor) -> State:
-        """The rule state of ``params`` joined along coordinates, fresh where new."""
-        for p in params:
-            if "rule_state" not in self.state[p]:
-                flat = rearrange(p.detach().reshape(-1), "n -> 1 n").to(grad)
-                self.state[p]["rule_state"] = self.rule.init_state(flat)
-
-        # Per-coordinate state (1, n, ...) is joined across parameters; a state
-        # shared by all coordinates (such as Adam's step count) is taken once.
-        # load_state_dict casts state to each parameter's dtype: cast it back.
-        parts = zip(*(self.state[p]["rule_state"] for p in params))
-        return tuple(
-            torch.cat([s.to(grad) for s in part], dim=1)
-            if part[0].dim() >= 2
-            else part[0].to(grad)
-            for part in parts
-        )
+        views = []
+        for k, p in enumerate(params):
+            own = tuple(piece[k] for piece in pieces)
+            saved = self.state[p].get("rule_state")
+            if saved is not None:
+                for target, value in zip(own, saved):
+                    target.copy_(value)
+            self.state[p]["rule_state"] = own
+            views.append(own)
+        self._joint[key] = ((grad.device, grad.dtype), state, views)
+        return state
 
     def _weights(self, like: Tensor) -> Tensor:
         """The rule's weights on the device and in the dtype of ``like``, cached."""
@@ -172,23 +185,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._theta[key] = self.rule.theta.detach().to(like)
         return self._theta[key]
 
-    def _chunked_step(self, theta: Tensor, grad: Tensor, state: tuple) -> tuple:
-        """The rule over ``chunk_size`` coordinates at a time; same result."""
-        if grad.shape[1] <= self.chunk_size:
-            return self.rule.step(theta, grad, state)
-        updates, states = [], []
+    def _chunked_step(self, theta: Tensor, grad: Tensor, state: State) -> Tensor:
+        """The rule over ``chunk_size`` coordinates at a time, state in place.
+
+        A state shared by all coordinates (a step count) must advance once per
+        step, so every chunk starts from its value before the step.
+        """
+        shared = [(s, s.clone()) for s in state if s.dim() < 2]
+        updates = torch.empty_like(grad)
         for start in range(0, grad.shape[1], self.chunk_size):
             rows = slice(start, start + self.chunk_size)
+            for s, before in shared:
+                s.copy_(before)
             part = tuple(s[:, rows] if s.dim() >= 2 else s for s in state)
-            update, new = self.rule.step(theta, grad[:, rows], part)
-            updates.append(update)
-            states.append(new)
-        # A state shared by all coordinates comes out equal from every chunk.
-        joined = tuple(
-            torch.cat(parts, dim=1) if parts[0].dim() >= 2 else parts[-1]
-            for parts in zip(*states)
-        )
-        return torch.cat(updates, dim=1), joined
+            updates[:, rows] = self.rule.step_(theta, grad[:, rows], part)
+        return updates
 
 
 def _check_parameters(params: list[Tensor]) -> None:

@@ -31,12 +31,13 @@ State = tuple[Tensor, ...]
 """Recurrent state of a rule: a tuple of tensors of shape (B, D, ...)."""
 
 
-def preprocess(grad: Tensor, p: float = 10.0) -> Tensor:
+def preprocess(grad: Tensor, p: float = 10.0, dim: int = -1) -> Tensor:
     """Gradient preprocessing of Andrychowicz et al. (2016), appendix A.
 
     Each coordinate g becomes (log|g| / p, sign g) when |g| >= e^-p, else
     (-1, e^p g), so that gradients spanning many orders of magnitude reach the
-    network on a common scale. Returns a tensor of shape ``grad.shape + (2,)``.
+    network on a common scale. The two features are stacked as a new dimension
+    at ``dim``: shape ``grad.shape + (2,)`` for the default ``dim=-1``.
     """
     threshold = math.exp(-p)
     magnitude = grad.abs()
@@ -47,7 +48,7 @@ def preprocess(grad: Tensor, p: float = 10.0) -> Tensor:
     log_part = torch.log(magnitude.clamp_min(threshold)) / p
     first = torch.where(large, log_part, -1.0)
     second = torch.where(large, torch.sign(grad), grad * math.exp(p))
-    return torch.stack([first, second], dim=-1)
+    return torch.stack([first, second], dim=dim)
 
 
 class UpdateRule(nn.Module, ABC):
@@ -100,6 +101,19 @@ class UpdateRule(nn.Module, ABC):
         if self.checkpoint and torch.is_grad_enabled():
             return checkpoint(fn, theta, grad, state, use_reentrant=False)
         return fn(theta, grad, state)
+
+    def step_(self, theta: Tensor, grad: Tensor, state: State) -> Updates:
+        """Updates for ``grad`` with no graph, advancing ``state`` in place.
+
+        The inference path of ``LearnedOptimizer``: call it under ``torch.no_grad``
+        with state tensors that nothing else reads. This version runs ``step`` and
+        copies the new state over the old; a rule overrides it to skip the
+        temporaries of its out-of-place ``update``.
+        """
+        update, new = self.step(theta, grad, state)
+        for old, value in zip(state, new):
+            old.copy_(value)
+        return update
 
     def _compiled_update(self) -> Callable:
         """torch.compile of ``update``, falling back to eager on a compile error."""
@@ -235,29 +249,113 @@ class LSTMRule(NetworkRule):
                 views[f"b{layer}"][hidden : 2 * hidden] += 1.0
 
     def init_state(self, params: Params) -> State:
-        zeros = params.new_zeros(*params.shape, self.hidden_size)
-        return tuple(zeros.clone() for _ in range(2 * self.num_layers))
+        # Each state is (B, D, H) laid out feature-major, a view of a contiguous
+        # (B, H, D): see ``update``.
+        batch, coordinates = params.shape
+        zeros = params.new_zeros(batch, self.hidden_size, coordinates)
+        return tuple(zeros.clone().mT for _ in range(2 * self.num_layers))
 
     def update(
         self, theta: Tensor, grad: Tensor, state: State
     ) -> tuple[Updates, State]:
+        # The layers run feature-major: activations are (B, features, D), so each
+        # gate is one contiguous block and every elementwise op runs over
+        # contiguous memory; coordinate-major gates were strided slices that
+        # made the elementwise ops several times slower than the matmuls.
         weights = self.unflatten(theta)
-        x = preprocess(grad, self.preprocess_p)
+        x = preprocess(grad, self.preprocess_p, dim=-2)
+        inputs = x.shape[-2]
         new_state: list[Tensor] = []
 
         for layer in range(self.num_layers):
-            h, c = state[2 * layer], state[2 * layer + 1]
-            gates = _linear(
-                torch.cat([x, h], dim=-1), weights[f"w{layer}"], weights[f"b{layer}"]
-            )
-            i, f, g, o = gates.chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            new_state += [h, c]
-            x = h
+            h, c = state[2 * layer].mT, state[2 * layer + 1].mT
+            weight = weights[f"w{layer}"].mT
+            bias = weights[f"b{layer}"]
+            gates = _feature_major_linear(x, weight[..., :inputs], bias)
+            gates = _feature_major_linear(h, weight[..., inputs:], gates)
+            h, c = _lstm_cell(gates, c)
+            new_state += [h.mT, c.mT]
+            x, inputs = h, self.hidden_size
 
-        out = _linear(x, weights["w_out"], weights["b_out"])
-        return rearrange(out, "b n 1 -> b n") * self.out_scale, tuple(new_state)
+        out = _feature_major_linear(x, weights["w_out"].mT, weights["b_out"])
+        return out.squeeze(-2) * self.out_scale, tuple(new_state)
+
+    def step_(self, theta: Tensor, grad: Tensor, state: State) -> Updates:
+        """The LSTM step written in place: each layer's input is copied into one
+        buffer, its gates into another, and the activations, c and h are written
+        over those buffers and the state; no temporaries the size of the gates.
+
+        A compiled rule (``compile``) runs its compiled ``update`` instead.
+        """
+        if self.compile or theta.dim() != 1:
+            return super().step_(theta, grad, state)
+
+        weights = self.unflatten(theta)
+        hidden, coordinates = self.hidden_size, grad.shape[-1]
+        inputs = grad.new_empty(2 * hidden, coordinates)
+        gates = grad.new_empty(4 * hidden, coordinates)
+        squashed = grad.new_empty(hidden, coordinates)
+        updates = torch.empty_like(grad)
+
+        for b in range(grad.shape[0]):
+            x = preprocess(grad[b], self.preprocess_p, dim=0)
+            for layer in range(self.num_layers):
+                h, c = state[2 * layer][b].T, state[2 * layer + 1][b].T
+                fan_in = x.shape[0] + hidden
+                joined = inputs[:fan_in]
+                joined[: x.shape[0]].copy_(x)
+                joined[x.shape[0] :].copy_(h)
+                torch.addmm(
+                    weights[f"b{layer}"].unsqueeze(-1),
+                    weights[f"w{layer}"].T,
+                    joined,
+                    out=gates,
+                )
+                i, f, g, o = gates.chunk(4, dim=0)
+                gates[: 2 * hidden].sigmoid_()
+                g.tanh_()
+                o.sigmoid_()
+                c.mul_(f).addcmul_(i, g)
+                torch.mul(o, torch.tanh(c, out=squashed), out=h)
+                x = h
+            torch.addmm(
+                weights["b_out"].unsqueeze(-1),
+                weights["w_out"].T,
+                x,
+                out=updates[b : b + 1],
+            )
+        return updates.mul_(self.out_scale)
+
+
+def _feature_major_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """weight (O, I) or (B, O, I) times x (B, I, D), plus a bias: (O,) or (B, O)
+    for every coordinate, or (B, O, D) to accumulate into."""
+    if weight.dim() == 2:
+        weight = weight.expand(x.shape[0], *weight.shape)
+    if bias.dim() < 3:
+        bias = bias.unsqueeze(-1)
+    return torch.baddbmm(bias, weight, x)
+
+
+def _lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """New (h, c) from feature-major gates (B, 4H, D) in the order i, f, g, o.
+
+    Without a graph to keep, the gates are activated in place.
+    """
+    hidden = gates.shape[-2] // 4
+    if torch.is_grad_enabled() and (gates.requires_grad or c.requires_grad):
+        # One split, so that backward joins the gates' gradients in one cat.
+        i_f, g, o = gates.split([2 * hidden, hidden, hidden], dim=-2)
+        i, f = torch.sigmoid(i_f).chunk(2, dim=-2)
+        c = torch.addcmul(f * c, i, torch.tanh(g))
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    gates[..., : 2 * hidden, :].sigmoid_()
+    gates[..., 2 * hidden : 3 * hidden, :].tanh_()
+    gates[..., 3 * hidden :, :].sigmoid_()
+    i, f, g, o = gates.chunk(4, dim=-2)
+    c = torch.addcmul(f * c, i, g)
+    return o.mul_(torch.tanh(c)), c
 
 
 class MLPRule(NetworkRule):

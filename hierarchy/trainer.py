@@ -200,6 +200,13 @@ class MetaTrainer:
         if log_grad_norms:
             for level in _levels(top):
                 level.track_grad_norm = True
+        # A first_order level whose meta-loss is differentiated once (by the top
+        # optimiser, or by a first_order level above) needs no graph of the
+        # losses below it: their gradients are already computed.
+        above = "first_order"
+        for level in _levels(top):
+            level.keep_graph = not (level.mode == above == "first_order")
+            above = level.mode
 
     @classmethod
     def from_config(
@@ -247,7 +254,7 @@ class MetaTrainer:
             self.meta_batch, self.generator, "train", top.horizon
         )
         problem = self.dist.share(problem, self.meta_batch)  # this rank's rows
-        carry = start(problem, top.rule, top.mode)
+        carry = start(problem, top.rule, top.mode, top.keep_graph)
         total, norms = 0.0, []
 
         for _ in range(math.ceil(top.horizon / self.truncation)):
@@ -308,7 +315,8 @@ class MetaTrainer:
         """
         top = self.top
         if self.checkpoint_steps is None or self.checkpoint_steps >= steps:
-            return unroll(top.rule, top.rule.theta, problem, carry, steps, top.mode)
+            theta, keep = top.rule.theta, top.keep_graph
+            return unroll(top.rule, theta, problem, carry, steps, top.mode, keep)
         meta_loss, done = 0.0, 0
         while done < steps:
             chunk = min(self.checkpoint_steps, steps - done)
@@ -323,7 +331,9 @@ class MetaTrainer:
                 theta: Tensor, *flat: Tensor, chunk: int = chunk, step: int = carry.step
             ) -> tuple:
                 state = Carry(flat[0], flat[3:], flat[1], flat[2], step)
-                loss, end = unroll(top.rule, theta, problem, state, chunk, top.mode)
+                loss, end = unroll(
+                    top.rule, theta, problem, state, chunk, top.mode, top.keep_graph
+                )
                 return (loss, end.params, end.loss, end.grad, *end.state)
 
             flat = (carry.params, carry.loss, carry.grad, *carry.state)

@@ -45,7 +45,7 @@ class Carry:
 
 
 def loss_and_grad(
-    problem: Problem, params: Params, step: int, mode: str
+    problem: Problem, params: Params, step: int, mode: str, keep_graph: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Loss (B,) of ``problem`` at ``params`` (B, D) and its gradient (B, D).
 
@@ -53,22 +53,40 @@ def loss_and_grad(
     assumption that second derivatives of the loss vanish; the loss itself stays
     differentiable in both modes, so the meta-loss reaches the rule through the
     parameter trajectory. In ``higher`` mode the gradient stays in the graph.
+
+    With ``keep_graph=False`` (first_order only) the loss's graph is dropped and
+    the loss returned is loss + (params - params) . grad: the same value and the
+    same gradient in ``params``, so backward through the meta-loss reuses the
+    gradient already computed instead of a second backward through the level
+    below. Its own gradient is constant, so the meta-loss must then be
+    differentiated once only, not twice (a ``higher`` level above).
     """
-    if not params.requires_grad:
-        params = params.detach().requires_grad_(True)
+    if not keep_graph and mode != "first_order":
+        raise ValueError(f"keep_graph=False needs first_order mode, not {mode!r}")
+    if not params.requires_grad or not keep_graph:
+        leaf = params.detach().requires_grad_(True)
+    else:
+        leaf = params
 
     with torch.enable_grad():
-        loss = problem.loss(params, step)
+        loss = problem.loss(leaf, step)
         (grad,) = torch.autograd.grad(
-            loss.sum(), params, create_graph=mode == "higher", retain_graph=True
+            loss.sum(), leaf, create_graph=mode == "higher", retain_graph=keep_graph
         )
+    if keep_graph:
+        return loss, grad
+    loss = loss.detach()
+    if params.requires_grad:
+        loss = loss + ((params - leaf.detach()) * grad).sum(dim=-1)
     return loss, grad
 
 
-def start(problem: Problem, rule: UpdateRule, mode: str) -> Carry:
+def start(
+    problem: Problem, rule: UpdateRule, mode: str, keep_graph: bool = True
+) -> Carry:
     """Begin an unroll at the problem's initial parameters with a fresh rule state."""
     params = problem.init()
-    loss, grad = loss_and_grad(problem, params, 0, mode)
+    loss, grad = loss_and_grad(problem, params, 0, mode, keep_graph)
     return Carry(params, rule.init_state(params), loss, grad, 0)
 
 
@@ -79,11 +97,13 @@ def unroll(
     carry: Carry,
     steps: int,
     mode: str,
+    keep_graph: bool = True,
 ) -> tuple[Tensor, Carry]:
     """Run ``steps`` updates of ``rule`` at weights ``theta`` from ``carry``.
 
     Returns the meta-loss of this stretch, the sum of the losses after each update
     with weight 1 as in the paper, shape (B,), and the carry at its end.
+    ``keep_graph`` is as in ``loss_and_grad``.
     """
     meta_loss = torch.zeros_like(carry.loss)
     params, state, grad = carry.params, carry.state, carry.grad
@@ -92,7 +112,7 @@ def unroll(
     for step in range(carry.step + 1, carry.step + steps + 1):
         update, state = rule.step(theta, grad, state)
         params = params + update
-        loss, grad = loss_and_grad(problem, params, step, mode)
+        loss, grad = loss_and_grad(problem, params, step, mode, keep_graph)
         meta_loss = meta_loss + loss
 
     return meta_loss, Carry(params, state, loss, grad, carry.step + steps)

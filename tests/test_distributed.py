@@ -239,9 +239,9 @@ def _worker(out: Path, overrides: list[str]) -> None:
     unrolled = []  # the initial parameters of every batch the trainer starts
     start = trainer_module.start
 
-    def starting(problem, rule, mode):
+    def starting(problem, *args):
         unrolled.append(problem.init())
-        return start(problem, rule, mode)
+        return start(problem, *args)
 
     trainer_module.start = starting
     config = load_config(None, [*overrides, *DISTRIBUTED_RUN])

@@ -263,3 +263,51 @@ def test_chunked_step_matches_one_rule_evaluation() -> None:
             optimizer.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_chunks_advance_a_shared_step_count_once() -> None:
+    """A rule state shared by all coordinates (Adam's count) steps once per step."""
+    models = [_model() for _ in range(2)]
+    whole = LearnedOptimizer(models[0].parameters(), Adam(0.05))
+    chunked = LearnedOptimizer(models[1].parameters(), Adam(0.05), chunk_size=4)
+    x, y = _regression()
+    for _ in range(4):
+        for model, optimizer in zip(models, (whole, chunked)):
+            optimizer.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)
+    state = chunked.state
+    assert {state[p]["rule_state"][2].item() for p in models[1].parameters()} == {4.0}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_optimizer_follows_the_rules_plain_update(dtype: torch.dtype) -> None:
+    """The in-place, chunked inference path gives the plain ``update``'s steps."""
+    torch.manual_seed(0)
+    rule = LSTMRule(hidden_size=6).to(dtype)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+    optimizer = LearnedOptimizer(model.parameters(), rule, chunk_size=10)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    plain = flat.clone().unsqueeze(0)
+    state = rule.init_state(plain)
+    x, y = (t.to(dtype) for t in _regression())
+
+    for _ in range(4):
+        optimizer.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        optimizer.step()
+        with torch.no_grad():
+            update, state = rule.update(rule.theta, grad.unsqueeze(0), state)
+        plain = plain + update
+
+    ours = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(ours, plain.squeeze(0))
+    joined = [
+        torch.cat([optimizer.state[p]["rule_state"][k] for p in model.parameters()], 1)
+        for k in range(len(state))
+    ]
+    for a, b in zip(joined, state):
+        torch.testing.assert_close(a, b)

@@ -17,9 +17,9 @@ import torch
 
 from hierarchy.baselines import BASELINES, grid_final_losses
 from hierarchy.evaluate import trajectory
-from hierarchy.level import Repeated
-from hierarchy.rules import LSTMRule
-from hierarchy.unroll import start, unroll
+from hierarchy.level import Repeated, build_stack
+from hierarchy.rules import LSTMRule, MLPRule
+from hierarchy.unroll import loss_and_grad, start, unroll
 from tasks.mnist import MNISTTask
 from tasks.quadratic import QuadraticTask
 
@@ -94,6 +94,59 @@ def test_meta_gradient_matches_reference(task_name: str) -> None:
     library = _meta_gradient(rule, problem, 5)
     torch.testing.assert_close(library, _reference_gradient(rule, problem, 5))
     assert library.abs().sum() > 0
+
+
+@pytest.mark.parametrize("task_name", ["quadratic", "mnist", "three levels"])
+def test_dropping_the_graph_below_gives_the_same_meta_gradient(task_name) -> None:
+    """keep_graph=False reuses each step's gradient for the meta-loss's backward
+    (inner levels too): the meta-gradient of keeping every graph, to rounding."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        if task_name == "three levels":
+            rules = [MLPRule(hidden_size=4, momenta=(0.5,)), LSTMRule(hidden_size=3)]
+            top = build_stack(QuadraticTask(3), rules, [4, 3], ["first_order"] * 2)
+        else:
+            task = QuadraticTask(4) if task_name == "quadratic" else _mnist()
+            top = build_stack(task, [LSTMRule(hidden_size=6)], [5], ["first_order"])
+        problem = top.below.sample(3, torch.Generator().manual_seed(1), "train", 5)
+
+        gradients = []
+        for keep in (True, False):
+            for level in (top, top.below):
+                level.keep_graph = keep
+            top.rule.theta.grad = None
+            carry = start(problem, top.rule, top.mode, keep)
+            meta_loss, _ = unroll(
+                top.rule, top.rule.theta, problem, carry, 3, top.mode, keep
+            )
+            meta_loss.mean().backward()
+            gradients.append(top.rule.theta.grad.clone())
+    finally:
+        torch.set_default_dtype(default)
+    torch.testing.assert_close(gradients[1], gradients[0])
+    assert gradients[0].abs().sum() > 0
+
+
+def test_trainer_drops_graphs_only_where_nothing_differentiates_twice() -> None:
+    """A first_order level under a first_order level (or the top optimiser) drops
+    the graph below; under or in higher mode it keeps it."""
+    from hierarchy.trainer import MetaTrainer
+
+    expected = {
+        ("first_order", "first_order"): [False, False],
+        ("first_order", "higher"): [False, True],
+        ("higher", "first_order"): [True, True],
+        ("higher", "higher"): [True, True],
+    }
+    for (top_mode, below_mode), keep in expected.items():
+        rules = [MLPRule(hidden_size=2, momenta=()), MLPRule(hidden_size=2)]
+        top = build_stack(QuadraticTask(2), rules, [2, 2], [below_mode, top_mode])
+        MetaTrainer(top, "unused", meta_batch=1, truncation=1)
+        assert [top.keep_graph, top.below.keep_graph] == keep
+    with pytest.raises(ValueError, match="first_order"):
+        loss_and_grad(None, torch.zeros(1, 2), 0, "higher", keep_graph=False)
 
 
 def test_checkpointed_rule_gives_the_same_meta_gradient() -> None:

@@ -203,9 +203,9 @@ def test_segments_start_from_detached_carry(tiny_config, tmp_path, monkeypatch):
     trainer = _trainer(tiny_config("meta.truncation=4"), tmp_path)
     seen = []
 
-    def spy(rule, theta, problem, carry, steps, mode):
+    def spy(rule, theta, problem, carry, steps, *args):
         seen.append((carry.step, steps, [carry.params, carry.grad, *carry.state]))
-        return unroll(rule, theta, problem, carry, steps, mode)
+        return unroll(rule, theta, problem, carry, steps, *args)
 
     monkeypatch.setattr(trainer_module, "unroll", spy)
     trainer.train_epoch()
