@@ -161,7 +161,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
         # A fresh state in the rule's own layout, with each parameter's saved
         # state (cast back from whatever load_state_dict made of it) copied in.
-        state = self.rule.init_state(grad)
+        state = self.rule.inference_state(grad)
         sizes = [p.numel() for p in params]
         pieces = [
             s.split(sizes, dim=1) if s.dim() >= 2 else [s] * len(params) for s in state

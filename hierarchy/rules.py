@@ -102,13 +102,19 @@ class UpdateRule(nn.Module, ABC):
             return checkpoint(fn, theta, grad, state, use_reentrant=False)
         return fn(theta, grad, state)
 
+    def inference_state(self, params: Params) -> State:
+        """Fresh state for ``step_``: ``init_state``'s values, in whatever memory
+        layout ``step_`` runs fastest on."""
+        return self.init_state(params)
+
     def step_(self, theta: Tensor, grad: Tensor, state: State) -> Updates:
         """Updates for ``grad`` with no graph, advancing ``state`` in place.
 
         The inference path of ``LearnedOptimizer``: call it under ``torch.no_grad``
         with state tensors that nothing else reads. This version runs ``step`` and
         copies the new state over the old; a rule overrides it to skip the
-        temporaries of its out-of-place ``update``.
+        temporaries of its out-of-place ``update``. The updates equal ``update``'s
+        to float rounding, not bit for bit.
         """
         update, new = self.step(theta, grad, state)
         for old, value in zip(state, new):
@@ -249,36 +255,38 @@ class LSTMRule(NetworkRule):
                 views[f"b{layer}"][hidden : 2 * hidden] += 1.0
 
     def init_state(self, params: Params) -> State:
-        # Each state is (B, D, H) laid out feature-major, a view of a contiguous
-        # (B, H, D): see ``update``.
-        batch, coordinates = params.shape
-        zeros = params.new_zeros(batch, self.hidden_size, coordinates)
-        return tuple(zeros.clone().mT for _ in range(2 * self.num_layers))
+        zeros = params.new_zeros(*params.shape, self.hidden_size)
+        return tuple(zeros.clone() for _ in range(2 * self.num_layers))
 
     def update(
         self, theta: Tensor, grad: Tensor, state: State
     ) -> tuple[Updates, State]:
-        # The layers run feature-major: activations are (B, features, D), so each
-        # gate is one contiguous block and every elementwise op runs over
-        # contiguous memory; coordinate-major gates were strided slices that
-        # made the elementwise ops several times slower than the matmuls.
         weights = self.unflatten(theta)
-        x = preprocess(grad, self.preprocess_p, dim=-2)
-        inputs = x.shape[-2]
+        x = preprocess(grad, self.preprocess_p)
         new_state: list[Tensor] = []
 
         for layer in range(self.num_layers):
-            h, c = state[2 * layer].mT, state[2 * layer + 1].mT
-            weight = weights[f"w{layer}"].mT
-            bias = weights[f"b{layer}"]
-            gates = _feature_major_linear(x, weight[..., :inputs], bias)
-            gates = _feature_major_linear(h, weight[..., inputs:], gates)
-            h, c = _lstm_cell(gates, c)
-            new_state += [h.mT, c.mT]
-            x, inputs = h, self.hidden_size
+            h, c = state[2 * layer], state[2 * layer + 1]
+            gates = _linear(
+                torch.cat([x, h], dim=-1), weights[f"w{layer}"], weights[f"b{layer}"]
+            )
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            new_state += [h, c]
+            x = h
 
-        out = _feature_major_linear(x, weights["w_out"].mT, weights["b_out"])
-        return out.squeeze(-2) * self.out_scale, tuple(new_state)
+        out = _linear(x, weights["w_out"], weights["b_out"])
+        return rearrange(out, "b n 1 -> b n") * self.out_scale, tuple(new_state)
+
+    def inference_state(self, params: Params) -> State:
+        # Feature-major: each (B, D, H) state is a view of a contiguous (B, H, D),
+        # so that every hidden unit's row is contiguous for ``step_``. ``update``
+        # keeps the coordinate-major layout it was trained in: the two round
+        # differently, and published results were computed coordinate-major.
+        batch, coordinates = params.shape
+        zeros = params.new_zeros(batch, self.hidden_size, coordinates)
+        return tuple(zeros.clone().mT for _ in range(2 * self.num_layers))
 
     def step_(self, theta: Tensor, grad: Tensor, state: State) -> Updates:
         """The LSTM step written in place: each layer's input is copied into one
@@ -325,37 +333,6 @@ class LSTMRule(NetworkRule):
                 out=updates[b : b + 1],
             )
         return updates.mul_(self.out_scale)
-
-
-def _feature_major_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """weight (O, I) or (B, O, I) times x (B, I, D), plus a bias: (O,) or (B, O)
-    for every coordinate, or (B, O, D) to accumulate into."""
-    if weight.dim() == 2:
-        weight = weight.expand(x.shape[0], *weight.shape)
-    if bias.dim() < 3:
-        bias = bias.unsqueeze(-1)
-    return torch.baddbmm(bias, weight, x)
-
-
-def _lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """New (h, c) from feature-major gates (B, 4H, D) in the order i, f, g, o.
-
-    Without a graph to keep, the gates are activated in place.
-    """
-    hidden = gates.shape[-2] // 4
-    if torch.is_grad_enabled() and (gates.requires_grad or c.requires_grad):
-        # One split, so that backward joins the gates' gradients in one cat.
-        i_f, g, o = gates.split([2 * hidden, hidden, hidden], dim=-2)
-        i, f = torch.sigmoid(i_f).chunk(2, dim=-2)
-        c = torch.addcmul(f * c, i, torch.tanh(g))
-        return torch.sigmoid(o) * torch.tanh(c), c
-
-    gates[..., : 2 * hidden, :].sigmoid_()
-    gates[..., 2 * hidden : 3 * hidden, :].tanh_()
-    gates[..., 3 * hidden :, :].sigmoid_()
-    i, f, g, o = gates.chunk(4, dim=-2)
-    c = torch.addcmul(f * c, i, g)
-    return o.mul_(torch.tanh(c)), c
 
 
 class MLPRule(NetworkRule):

@@ -230,18 +230,22 @@ def test_rule_config_rebuilds_same_layout(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["lstm", "mlp"])
-def test_in_place_step_matches_update(kind: str) -> None:
-    """``step_`` returns ``update``'s updates and writes its new state in place."""
+@pytest.mark.parametrize("fresh", ["init_state", "inference_state"])
+def test_in_place_step_matches_update(kind: str, fresh: str) -> None:
+    """``step_`` returns ``update``'s updates and writes its new state in place,
+    on state in the training layout and in its own."""
     torch.manual_seed(0)
     rule = RULES[kind](hidden_size=5).double()
     grad = torch.randn(2, 9, dtype=torch.float64) * torch.logspace(-6, 1, 9)
     state = rule.init_state(grad)
+    in_place = getattr(rule, fresh)(grad)
     for _ in range(3):
         with torch.no_grad():
             expected, new_state = rule.update(rule.theta, grad, state)
-            in_place = tuple(s.clone() for s in state)
             update = rule.step_(rule.theta.detach(), grad, in_place)
         torch.testing.assert_close(update, expected)
         for a, b in zip(in_place, new_state):
             torch.testing.assert_close(a, b)
         state, grad = new_state, grad.roll(1, dims=1)
+    if kind == "lstm" and fresh == "inference_state":
+        assert in_place[0].mT.is_contiguous()
