@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from epoch_cost import CONFIGS, in_subprocess
 from reference import ReferenceLSTM, reference_epoch
-from torch import nn
+from torch import Tensor, nn
 
 from hierarchy.baselines import BASELINES, tune_learning_rate
 from hierarchy.config import load_config
@@ -150,25 +150,27 @@ def mm_seconds(rule: LSTMRule, coordinates: int, repeats: int) -> float:
     shapes.append((hidden, 1))
     n = coordinates
     layouts = {
-        "coordinate-major": [
-            (torch.randn(n, i), torch.randn(i, o), torch.empty(n, o)) for i, o in shapes
-        ],
-        "feature-major": [
-            (torch.randn(o, i), torch.randn(i, n), torch.empty(o, n)) for i, o in shapes
-        ],
+        "coordinate-major": lambda i, o: (torch.randn(n, i), torch.randn(i, o)),
+        "feature-major": lambda i, o: (torch.randn(o, i), torch.randn(i, n)),
     }
+    seconds = []
+    for make in layouts.values():  # one layout in memory at a time
+        pairs = [make(i, o) for i, o in shapes]
+        seconds.append(_mm_median(pairs, repeats))
+        del pairs
+    return min(seconds)
 
-    def products(mats: list) -> Callable[[], None]:
-        def run() -> None:
-            for a, b, out in mats:
-                torch.mm(a, b, out=out)
 
-        return run
+def _mm_median(pairs: list[tuple[Tensor, Tensor]], repeats: int) -> float:
+    """Median seconds of torch.mm over ``pairs``, each into an output made once."""
+    products = [(a, b, torch.empty(a.shape[0], b.shape[1])) for a, b in pairs]
 
-    runs = {name: products(mats) for name, mats in layouts.items()}
-    for run in runs.values():
-        run()
-    return min(medians(runs, max(repeats, 10)).values())
+    def run() -> None:
+        for a, b, out in products:
+            torch.mm(a, b, out=out)
+
+    run()
+    return medians({"mm": run}, max(repeats, 10))["mm"]
 
 
 def optimiser_step(

@@ -175,6 +175,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     target.copy_(value)
             self.state[p]["rule_state"] = own
             views.append(own)
+        # A joint state that held any of these parameters is stale now.
+        self._joint = {k: v for k, v in self._joint.items() if not set(k) & set(key)}
         self._joint[key] = ((grad.device, grad.dtype), state, views)
         return state
 

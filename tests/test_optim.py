@@ -311,3 +311,23 @@ def test_optimizer_follows_the_rules_plain_update(dtype: torch.dtype) -> None:
     ]
     for a, b in zip(joined, state):
         torch.testing.assert_close(a, b)
+
+
+def test_a_changing_set_of_parameters_keeps_one_joint_state_each() -> None:
+    """Parameters without a gradient drop out of a step and come back; their state
+    carries over, and joint states that no longer match are not kept."""
+    torch.manual_seed(0)
+    model = _model()
+    optimizer = LearnedOptimizer(model.parameters(), LSTMRule(hidden_size=3))
+    x, y = _regression()
+    first = next(model.parameters())
+    for step in range(4):
+        optimizer.zero_grad(set_to_none=True)
+        ((model(x) - y) ** 2).mean().backward()
+        if step == 1:
+            first.grad = None
+        before = optimizer.state[first].get("rule_state", (torch.zeros(()),))[0].clone()
+        optimizer.step()
+        after = optimizer.state[first]["rule_state"][0]
+        assert torch.equal(before, after) == (step == 1)
+    assert len(optimizer._joint) == 1
