@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -252,6 +253,7 @@ def validate(config: Config) -> None:
                 level.rule.kind,
                 f"one of {sorted(RULES) + sorted(BASELINES)}",
             )
+        _check_rule_keys(level.rule, f"levels.{k}.rule", fail)
         if level.mode not in MODES:
             fail(f"levels.{k}.mode", level.mode, f"one of {list(MODES)}")
         if level.horizon < 1:
@@ -338,6 +340,28 @@ def validate(config: Config) -> None:
         if names.count(name) > 1:
             fail("eval.variations", name, "names unique and other than 'default'")
     _validate_eval(config.eval, fail)
+
+
+# The rule keys each kind reads; a key that another kind reads, set away from its
+# default, would be ignored, so it is refused instead.
+_NETWORK_KEYS = ("hidden_size", "num_layers", "out_scale", "preprocess_p")
+_RULE_KEYS = {"lstm": _NETWORK_KEYS, "mlp": (*_NETWORK_KEYS, "momenta")}
+_BASELINE_KEYS = ("lr",)
+
+
+def _check_rule_keys(rule: RuleConfig, prefix: str, fail: Callable) -> None:
+    """Refuse a rule key set for a kind of rule that does not read it."""
+    reads = _RULE_KEYS.get(rule.kind, _BASELINE_KEYS)
+    default = RuleConfig()
+    for key in sorted({*_RULE_KEYS["mlp"], *_BASELINE_KEYS} - set(reads)):
+        if getattr(rule, key) != getattr(default, key):
+            kinds = [kind for kind, keys in _RULE_KEYS.items() if key in keys]
+            fail(
+                f"{prefix}.{key}",
+                getattr(rule, key),
+                f"no value here: a {rule.kind!r} rule does not read it (it is for "
+                f"{' and '.join(kinds) or 'the baselines'})",
+            )
 
 
 def _positive(value: float) -> bool:

@@ -86,6 +86,11 @@ def summarise(curve: Tensor, steps: Sequence[int]) -> dict[int, tuple[float, flo
     return out
 
 
+def _spread(sem: float, sign: str) -> str:
+    """``sign`` and the standard error, or nothing where one problem gives none."""
+    return "" if math.isnan(sem) else f"{sign} {sem:.2g}"
+
+
 def format_table(
     curves: Mapping[str, Tensor], steps: Sequence[int], lrs: Mapping[str, float]
 ) -> str:
@@ -98,7 +103,7 @@ def format_table(
     for name, curve in curves.items():
         lr = f"{lrs[name]:.3g}" if name in lrs else "-"
         cells = "".join(
-            f"{mean:>13.4g} +- {sem:<5.2g}"
+            f"{mean:>13.4g} {_spread(sem, '+-'):<8}"
             for mean, sem in summarise(curve, steps).values()
         )
         lines.append(f"{name:<{width}}{lr:>9}{cells}")
@@ -120,7 +125,9 @@ def markdown_summary(evaluations: Mapping[str, dict], steps: Sequence[int]) -> s
             cells = {n: summary[n][str(step)] for n in names}
             best = min(cells, key=lambda n: cells[n][0])
             text = [
-                f"**{m:.4g} ± {e:.2g}**" if n == best else f"{m:.4g} ± {e:.2g}"
+                f"**{m:.4g}{_spread(e, ' ±')}**"
+                if n == best
+                else f"{m:.4g}{_spread(e, ' ±')}"
                 for n, (m, e) in cells.items()
             ]
             rows.append(f"| {evaluation['task']} | {step} | " + " | ".join(text) + " |")

@@ -162,6 +162,16 @@ class MetaTrainer:
             raise ValueError(
                 f"top-level optimizer {optimizer!r} is not one of {sorted(OPTIMIZERS)}"
             )
+        counts = {
+            "epochs": epochs,
+            "meta_batch": meta_batch,
+            "val_every": val_every,
+            "val_tasks": val_tasks,
+            "max_bad_updates": max_bad_updates,
+        }
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 1 <= truncation <= top.horizon:
             raise ValueError(
                 f"truncation {truncation} must be between 1 and the horizon "

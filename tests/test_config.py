@@ -60,6 +60,8 @@ def test_bad_override_names_key(override: str, key: str) -> None:
         ("eval.lr_grid=[.nan]", "eval.lr_grid"),
         ("log_level=LOUD", "log_level"),
         ("eval.variations=[{name: default, task: {}}]", "eval.variations"),
+        ("levels.0.rule.momenta=[0.5]", "levels.0.rule.momenta"),
+        ("levels.0.rule.lr=0.1", "levels.0.rule.lr"),
     ],
 )
 def test_unvalidated_keys_name_key(override: str, key: str) -> None:
@@ -144,6 +146,7 @@ def test_overrides_apply_with_types(tmp_path: Path) -> None:
             "meta.epochs=7",
             "levels.0.mode=higher",
             "eval.horizons=[5, 200]",
+            "levels.0.rule.kind=mlp",
             "levels.0.rule.momenta=[0.5]",
             "meta.grad_clip=1.5",
             "task.data_root=null",
@@ -184,3 +187,12 @@ def test_yaml_syntax_error_and_non_mapping_are_config_errors(tmp_path: Path) -> 
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="list.yaml.*mapping"):
         load_config(listing)
+
+
+def test_keys_a_rule_does_not_read_are_refused_unless_left_at_default() -> None:
+    """momenta is for the MLP rule, lr for the baselines, the network sizes for
+    learned rules: set for another kind, they would be ignored, so they fail."""
+    load_config(None, ["levels.0.rule.kind=mlp", "levels.0.rule.momenta=[0.5]"])
+    load_config(None, ["levels.0.rule.kind=adam", "levels.0.rule.lr=0.1"])
+    with pytest.raises(ConfigError, match="'adam' rule does not read it"):
+        load_config(None, ["levels.0.rule.kind=adam", "levels.0.rule.hidden_size=5"])

@@ -276,3 +276,20 @@ def test_report_prints_markdown_with_the_best_in_bold(tmp_path, capsys) -> None:
     assert "| default | 10 | **0.5 ± 0.01** | 0.7 ± 0.02 |" in out
     assert "| 5 |" not in out
     assert main(["report", str(tmp_path / "missing.json")]) == 2
+
+
+def test_one_problem_shows_no_standard_error() -> None:
+    """With one problem (eval.copies=1) tables give the mean alone, not '± nan'."""
+    from hierarchy.evaluate import format_table, markdown_summary, summarise
+
+    curves = {
+        "one": torch.tensor([[3.0], [1.0]]),
+        "two": torch.tensor([[3.0, 2.0]] * 2),
+    }
+    table = format_table(curves, [1], {})
+    assert "nan" not in table and "+- 0.5" in table
+    summary = {name: {"1": summarise(c, [1])[1]} for name, c in curves.items()}
+    markdown = markdown_summary(
+        {"t": {"task": "t", "horizon": 1, "summary": summary}}, [1]
+    )
+    assert "nan" not in markdown and "**1**" in markdown and "2.5 ± 0.5" in markdown

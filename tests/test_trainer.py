@@ -326,3 +326,18 @@ def test_validating_at_the_first_epoch_makes_the_run_folder(tiny_config, tmp_pat
     trainer.val_every = 1
     trainer.train()
     assert trainer.best_path.is_file() and trainer.checkpoint_path.is_file()
+
+
+@pytest.mark.parametrize(
+    "argument", ["epochs", "meta_batch", "val_every", "val_tasks", "max_bad_updates"]
+)
+def test_counts_that_would_train_or_check_nothing_are_refused(argument) -> None:
+    """MetaTrainer(epochs=0) and the like name the argument instead of training
+    nothing."""
+    from hierarchy.level import build_stack
+    from hierarchy.rules import MLPRule
+    from tasks.quadratic import QuadraticTask
+
+    top = build_stack(QuadraticTask(2), [MLPRule(hidden_size=2)], [2], ["first_order"])
+    with pytest.raises(ValueError, match=f"{argument} must be a positive integer"):
+        MetaTrainer(top, "unused", truncation=1, **{argument: 0})
