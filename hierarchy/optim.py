@@ -59,6 +59,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._joint: dict[tuple[int, ...], tuple] = {}
         super().__init__(params, defaults={"scale": scale})
 
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles and copies only its defaults, state and
+        # groups; the rule and the chunk size go too. Caches are rebuilt.
+        return {
+            **super().__getstate__(),
+            "rule": self.rule,
+            "chunk_size": self.chunk_size,
+            "_theta": {},
+            "_joint": {},
+        }
+
     @classmethod
     def from_pretrained(
         cls, name: str, params: Iterable, **group_defaults: float

@@ -331,3 +331,24 @@ def test_a_changing_set_of_parameters_keeps_one_joint_state_each() -> None:
         after = optimizer.state[first]["rule_state"][0]
         assert torch.equal(before, after) == (step == 1)
     assert len(optimizer._joint) == 1
+
+
+def test_a_copied_optimizer_continues_like_the_original() -> None:
+    """copy.deepcopy (and pickling) keeps the rule, the chunk size and the state."""
+    import copy
+
+    x, y = _regression()
+    model = _model()
+    rule = LSTMRule(hidden_size=3)
+    pairs = [(model, LearnedOptimizer(model.parameters(), rule, chunk_size=7))]
+    for step in range(6):
+        if step == 3:
+            pairs.append(copy.deepcopy(pairs[0]))
+            assert pairs[1][1].chunk_size == 7 and pairs[1][1].rule.hidden_size == 3
+        for model, optimizer in pairs:
+            optimizer.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            optimizer.step()
+    for a, b in zip(pairs[0][0].parameters(), pairs[1][0].parameters()):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(a, _model().state_dict()["2.bias"])
