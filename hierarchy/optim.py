@@ -51,6 +51,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"rule must be a hierarchy UpdateRule, got {type(rule).__name__}"
             )
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(
+                f"chunk_size must be a positive integer, got {chunk_size!r}"
+            )
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.chunk_size = chunk_size
@@ -117,25 +121,43 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a ``state_dict``; refuse one written under another rule."""
+        """Load a ``state_dict``; refuse one written under another rule.
+
+        torch casts loaded state to each parameter's dtype; the rule state keeps
+        its own (float32 beside bf16 parameters), as a cast would round the LSTM's
+        h and c and a step count.
+        """
         saved = state_dict.get("rule")
-        if saved is not None:
-            mine = rule_payload(self.rule)
-            same = (
-                saved.get("kind") == mine["kind"]
-                and saved.get("rule_config") == mine["rule_config"]
-                and isinstance(saved.get("theta"), Tensor)
-                and torch.equal(saved["theta"].cpu(), mine["theta"])
+        if saved is None:
+            raise ValueError(
+                "this state_dict has no 'rule' entry, so it was not written by "
+                "LearnedOptimizer.state_dict(); load the state of a LearnedOptimizer"
             )
-            if not same:
-                raise ValueError(
-                    f"this optimiser state was written under a {saved.get('kind')!r} "
-                    f"rule {saved.get('rule_config')} with other weights than this "
-                    f"optimiser's {mine['kind']!r} rule {mine['rule_config']}; "
-                    f"build the optimiser with the rule that wrote the state"
-                )
+        mine = rule_payload(self.rule)
+        same = (
+            saved.get("kind") == mine["kind"]
+            and saved.get("rule_config") == mine["rule_config"]
+            and isinstance(saved.get("theta"), Tensor)
+            and torch.equal(saved["theta"].cpu(), mine["theta"])
+        )
+        if not same:
+            raise ValueError(
+                f"this optimiser state was written under a {saved.get('kind')!r} "
+                f"rule {saved.get('rule_config')} with other weights than this "
+                f"optimiser's {mine['kind']!r} rule {mine['rule_config']}; "
+                f"build the optimiser with the rule that wrote the state"
+            )
         rest = {key: value for key, value in state_dict.items() if key != "rule"}
         super().load_state_dict(rest)
+
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in zip(ids, params):
+            rule_state = state_dict["state"].get(index, {}).get("rule_state")
+            if rule_state is not None:
+                self.state[p]["rule_state"] = tuple(
+                    s.to(device=p.device) for s in rule_state
+                )
 
     def _step_group(self, params: list[Tensor], scale: float) -> None:
         """One rule evaluation over all coordinates of ``params``, as a batch of 1."""
@@ -171,24 +193,36 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 return joint[1]
 
         # A fresh state in the rule's own layout, with each parameter's saved
-        # state (cast back from whatever load_state_dict made of it) copied in.
+        # state copied in. A state shared by all coordinates (a step count) is
+        # taken from the first parameter that has one.
         state = self.rule.inference_state(grad)
         sizes = [p.numel() for p in params]
         pieces = [
             s.split(sizes, dim=1) if s.dim() >= 2 else [s] * len(params) for s in state
         ]
-        views = []
+        views, shared_done = [], False
         for k, p in enumerate(params):
             own = tuple(piece[k] for piece in pieces)
             saved = self.state[p].get("rule_state")
             if saved is not None:
+                _check_saved_state(p, saved, own)
                 for target, value in zip(own, saved):
-                    target.copy_(value)
+                    if target.dim() >= 2 or not shared_done:
+                        target.copy_(value)
+                shared_done = True
             self.state[p]["rule_state"] = own
             views.append(own)
-        # A joint state that held any of these parameters is stale now.
-        self._joint = {k: v for k, v in self._joint.items() if not set(k) & set(key)}
-        self._joint[key] = ((grad.device, grad.dtype), state, views)
+
+        # Joint states that held any of these parameters are stale now. Their
+        # other parameters get compact copies of their views, so that an old
+        # joint state is not kept alive (nor saved whole) for their sake.
+        for old_key, (_, _, old_views, old_params) in list(self._joint.items()):
+            if set(old_key) & set(key):
+                del self._joint[old_key]
+                for p, view in zip(old_params, old_views):
+                    if id(p) not in key and self.state[p].get("rule_state") is view:
+                        self.state[p]["rule_state"] = tuple(s.clone() for s in view)
+        self._joint[key] = ((grad.device, grad.dtype), state, views, list(params))
         return state
 
     def _weights(self, like: Tensor) -> Tensor:
@@ -213,6 +247,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
             part = tuple(s[:, rows] if s.dim() >= 2 else s for s in state)
             updates[:, rows] = self.rule.step_(theta, grad[:, rows], part)
         return updates
+
+
+def _check_saved_state(param: Tensor, saved: State, fresh: State) -> None:
+    """Refuse a parameter's saved rule state that does not fit the parameter."""
+    shapes = [tuple(s.shape) for s in saved]
+    expected = [tuple(s.shape) for s in fresh]
+    if shapes != expected:
+        raise ValueError(
+            f"the rule state of a parameter of shape {tuple(param.shape)} has "
+            f"shapes {shapes}, expected {expected}; was it saved for another model "
+            f"or another rule, or was the parameter resized?"
+        )
 
 
 def _check_parameters(params: list[Tensor]) -> None:

@@ -352,3 +352,64 @@ def test_a_copied_optimizer_continues_like_the_original() -> None:
     for a, b in zip(pairs[0][0].parameters(), pairs[1][0].parameters()):
         torch.testing.assert_close(a, b)
     assert not torch.equal(a, _model().state_dict()["2.bias"])
+
+
+def test_skipped_gradients_neither_rewind_a_shared_count_nor_keep_old_state() -> None:
+    """A parameter that sits a step out keeps a compact state of its own, and the
+    step count shared by a group continues from where it was."""
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    optimizer = LearnedOptimizer([a, b], Adam(0.1))
+    for pattern in ["ab", "a", "a", "a", "ab"]:
+        a.grad = torch.ones(3) if "a" in pattern else None
+        b.grad = torch.ones(2) if "b" in pattern else None
+        optimizer.step()
+        if pattern == "a":
+            first = optimizer.state[b]["rule_state"][0]
+            assert first.untyped_storage().nbytes() == first.numel() * 4
+    assert optimizer.state[a]["rule_state"][2].item() == 5.0
+
+
+def test_loading_keeps_the_rule_state_dtype_of_low_precision_parameters() -> None:
+    """torch would cast the state to bf16 like the parameters; h, c and the count
+    stay float32, so a resumed run goes on like an uninterrupted one."""
+    torch.manual_seed(0)
+    models = [_model().to(torch.bfloat16) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    rule = LSTMRule(hidden_size=3)
+    optimizers = [LearnedOptimizer(m.parameters(), rule) for m in models]
+    x, y = (t.to(torch.bfloat16) for t in _regression())
+    for step in range(5):
+        if step == 2:
+            fresh = LearnedOptimizer(models[1].parameters(), rule)
+            fresh.load_state_dict(optimizers[1].state_dict())
+            optimizers[1] = fresh
+            state = fresh.state[next(models[1].parameters())]["rule_state"]
+            assert all(s.dtype == torch.float32 for s in state)
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            optimizer.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bad_chunk_sizes_and_foreign_states_are_refused() -> None:
+    model = _model()
+    with pytest.raises(
+        TypeError, match="chunk_size must be a positive integer, got 2.0"
+    ):
+        LearnedOptimizer(model.parameters(), LSTMRule(), chunk_size=2.0)
+    adam = torch.optim.Adam(model.parameters())
+    optimizer = LearnedOptimizer(model.parameters(), LSTMRule(hidden_size=3))
+    with pytest.raises(ValueError, match="no 'rule' entry"):
+        optimizer.load_state_dict(adam.state_dict())
+
+    small, large = nn.Linear(2, 1), nn.Linear(3, 1)
+    for layer in (small, large):
+        layer(torch.ones(1, layer.in_features)).sum().backward()
+    source = LearnedOptimizer(small.parameters(), LSTMRule(hidden_size=3))
+    source.step()
+    target = LearnedOptimizer(large.parameters(), source.rule)
+    target.load_state_dict(source.state_dict())
+    with pytest.raises(ValueError, match=r"shape \(1, 3\).*another model"):
+        target.step()
