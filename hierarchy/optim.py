@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Callable, Iterable
 
 import torch
@@ -51,10 +52,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"rule must be a hierarchy UpdateRule, got {type(rule).__name__}"
             )
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        try:
+            if isinstance(chunk_size, bool):
+                raise TypeError
+            chunk_size = operator.index(chunk_size)
+        except TypeError:
             raise TypeError(
                 f"chunk_size must be a positive integer, got {chunk_size!r}"
-            )
+            ) from None
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.chunk_size = chunk_size
@@ -147,17 +152,24 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"optimiser's {mine['kind']!r} rule {mine['rule_config']}; "
                 f"build the optimiser with the rule that wrote the state"
             )
-        rest = {key: value for key, value in state_dict.items() if key != "rule"}
-        super().load_state_dict(rest)
-
+        # Check every parameter's rule state against a fresh one (on the meta
+        # device, no memory) before torch replaces anything.
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
+        loaded = {}
         for index, p in zip(ids, params):
             rule_state = state_dict["state"].get(index, {}).get("rule_state")
             if rule_state is not None:
-                self.state[p]["rule_state"] = tuple(
-                    s.to(device=p.device) for s in rule_state
-                )
+                fresh = self.rule.init_state(torch.empty(1, p.numel(), device="meta"))
+                _check_saved_state(p, rule_state, fresh)
+                loaded[p] = rule_state
+
+        rest = {key: value for key, value in state_dict.items() if key != "rule"}
+        super().load_state_dict(rest)
+        for p, rule_state in loaded.items():
+            self.state[p]["rule_state"] = tuple(
+                s.to(device=p.device) for s in rule_state
+            )
 
     def _step_group(self, params: list[Tensor], scale: float) -> None:
         """One rule evaluation over all coordinates of ``params``, as a batch of 1."""
@@ -193,23 +205,25 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 return joint[1]
 
         # A fresh state in the rule's own layout, with each parameter's saved
-        # state copied in. A state shared by all coordinates (a step count) is
-        # taken from the first parameter that has one.
+        # state copied in. A state shared by all coordinates is a step count: the
+        # largest saved one, that of the parameters that kept stepping.
         state = self.rule.inference_state(grad)
         sizes = [p.numel() for p in params]
         pieces = [
             s.split(sizes, dim=1) if s.dim() >= 2 else [s] * len(params) for s in state
         ]
-        views, shared_done = [], False
+        views, counted = [], False
         for k, p in enumerate(params):
             own = tuple(piece[k] for piece in pieces)
             saved = self.state[p].get("rule_state")
             if saved is not None:
                 _check_saved_state(p, saved, own)
                 for target, value in zip(own, saved):
-                    if target.dim() >= 2 or not shared_done:
+                    if target.dim() >= 2 or not counted:
                         target.copy_(value)
-                shared_done = True
+                    else:
+                        torch.maximum(target, value.to(target), out=target)
+                counted = True
             self.state[p]["rule_state"] = own
             views.append(own)
 

@@ -31,6 +31,10 @@ def test_harness_pieces_on_tiny_sizes() -> None:
     quadratic = performance.meta_training(
         "two_level_quadratic", TINY, 1, 1, compile_rule=False
     )
+    eager_only = performance.meta_training(
+        "two_level_quadratic", TINY, 1, 1, compiled_run=False
+    )
+    assert set(eager_only["seconds"]) == {"reference", "library"}
     step = performance.optimiser_step(8, 1, 1, compile_rule=False)
     assert all(v > 0 for v in quadratic["seconds"].values())
     assert quadratic["speedup"]["reference"] == 1.0
@@ -43,6 +47,7 @@ def test_harness_pieces_on_tiny_sizes() -> None:
     table = performance.markdown(
         {
             "mnist": quadratic,
+            "mnist_batch": eager_only,
             "quadratic": quadratic,
             "optimiser_step": [step],
             "evaluation": evaluation,

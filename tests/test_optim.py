@@ -357,16 +357,18 @@ def test_a_copied_optimizer_continues_like_the_original() -> None:
 def test_skipped_gradients_neither_rewind_a_shared_count_nor_keep_old_state() -> None:
     """A parameter that sits a step out keeps a compact state of its own, and the
     step count shared by a group continues from where it was."""
-    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
-    optimizer = LearnedOptimizer([a, b], Adam(0.1))
-    for pattern in ["ab", "a", "a", "a", "ab"]:
-        a.grad = torch.ones(3) if "a" in pattern else None
-        b.grad = torch.ones(2) if "b" in pattern else None
-        optimizer.step()
-        if pattern == "a":
-            first = optimizer.state[b]["rule_state"][0]
-            assert first.untyped_storage().nbytes() == first.numel() * 4
-    assert optimizer.state[a]["rule_state"][2].item() == 5.0
+    for order in ("ab", "ba"):
+        a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+        params = [a, b] if order == "ab" else [b, a]
+        optimizer = LearnedOptimizer(params, Adam(0.1))
+        for pattern in ["ab", "a", "a", "a", "ab"]:
+            a.grad = torch.ones(3) if "a" in pattern else None
+            b.grad = torch.ones(2) if "b" in pattern else None
+            optimizer.step()
+            if pattern == "a":
+                first = optimizer.state[b]["rule_state"][0]
+                assert first.untyped_storage().nbytes() == first.numel() * 4
+        assert optimizer.state[a]["rule_state"][2].item() == 5.0
 
 
 def test_loading_keeps_the_rule_state_dtype_of_low_precision_parameters() -> None:
@@ -410,6 +412,6 @@ def test_bad_chunk_sizes_and_foreign_states_are_refused() -> None:
     source = LearnedOptimizer(small.parameters(), LSTMRule(hidden_size=3))
     source.step()
     target = LearnedOptimizer(large.parameters(), source.rule)
-    target.load_state_dict(source.state_dict())
     with pytest.raises(ValueError, match=r"shape \(1, 3\).*another model"):
-        target.step()
+        target.load_state_dict(source.state_dict())
+    assert not target.state  # refused before anything was replaced
