@@ -37,16 +37,19 @@ def optimise(
     """Run ``rule`` on ``problem``: losses (steps + 1, B), step 0 first, and the
     parameters (B, D) it ends at.
 
-    The rule runs at ``theta`` (its own weights by default), detached, so no graph
+    The rule runs at ``theta`` (its own weights by default), detached, and no graph
     is kept beyond one step. With a ``desc`` a progress bar is shown on a terminal.
     """
-    carry = start(problem, rule, "first_order")
+    # keep_graph=False: each loss is kept as a value only; keeping its graph held
+    # every step's minibatch activations until the end (3.7 GB for 16 MNIST
+    # networks over 200 steps).
+    carry = start(problem, rule, "first_order", keep_graph=False)
     theta = rule.theta if theta is None else theta
     theta = theta.detach().to(carry.params.device)
     losses = [carry.loss]
     quiet = True if desc is None else None  # None: a bar only on a terminal
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=quiet):
-        _, carry = unroll(rule, theta, problem, carry, 1, "first_order")
+        _, carry = unroll(rule, theta, problem, carry, 1, "first_order", False)
         losses.append(carry.loss)
     return torch.stack(losses).cpu(), carry.params.detach()
 

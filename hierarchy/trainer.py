@@ -421,10 +421,11 @@ class MetaTrainer:
         generator = torch.Generator().manual_seed(self.val_seed)
         problem = top.below.sample(self.val_tasks, generator, "val", top.horizon)
         problem = self.dist.share(problem, self.val_tasks)
-        carry = start(problem, top.rule, top.mode)
+        # No graph is needed, and keeping the losses' would hold every step's.
+        carry = start(problem, top.rule, "first_order", keep_graph=False)
         theta = top.rule.theta.detach()
         meta_loss, _ = unroll(
-            top.rule, theta, problem, carry, top.horizon, "first_order"
+            top.rule, theta, problem, carry, top.horizon, "first_order", False
         )
         return self.dist.mean_of_rows(meta_loss, self.val_tasks) / top.horizon
 

@@ -239,9 +239,9 @@ def _worker(out: Path, overrides: list[str]) -> None:
     unrolled = []  # the initial parameters of every batch the trainer starts
     start = trainer_module.start
 
-    def starting(problem, *args):
+    def starting(problem, *args, **kwargs):
         unrolled.append(problem.init())
-        return start(problem, *args)
+        return start(problem, *args, **kwargs)
 
     trainer_module.start = starting
     config = load_config(None, [*overrides, *DISTRIBUTED_RUN])

@@ -232,3 +232,29 @@ def test_carry_detach_cuts_graph_keeps_values() -> None:
     for before, after in zip(tensors, [cut.params, cut.loss, cut.grad, *cut.state]):
         assert after.grad_fn is None and not after.requires_grad
         assert torch.equal(before.detach(), after)
+
+
+def test_evaluation_keeps_no_graph_of_past_losses() -> None:
+    """The losses that evaluation keeps are values: the graphs that
+    produced them (every step's activations) are freed as the run goes."""
+    import gc
+    import weakref
+
+    from hierarchy.evaluate import optimise
+
+    problem = _quadratic(batch=3, dim=4)
+    raw, alive = [], []
+    loss = problem.loss
+
+    def recording(params, step):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in raw))
+        value = loss(params, step)
+        raw.append(weakref.ref(value))
+        return value
+
+    problem.loss = recording
+    losses, _ = optimise(MLPRule(hidden_size=3).double(), problem, 5)
+    # At most the loss of the step before is still referenced, by the carry.
+    assert len(raw) == 6 and max(alive) <= 1
+    assert losses.shape == (6, 3)
