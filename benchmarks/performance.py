@@ -79,9 +79,6 @@ def meta_training(
     library with a compiled rule (eager with ``compile_rule=False``, in tests)."""
     torch.set_num_threads(threads)
     library = trainer_for(config_name, overrides)
-    compiled = trainer_for(
-        config_name, [*overrides, f"levels.0.rule.compile={compile_rule}"]
-    )
     torch.set_num_threads(threads)  # the config's own setting is not measured
     top = library.top
     ref = ReferenceLSTM.from_rule(top.rule)
@@ -97,6 +94,10 @@ def meta_training(
     runs = {"reference": reference, "library": library.train_epoch}
     compile_seconds = math.nan
     if compiled_run:
+        compiled = trainer_for(
+            config_name, [*overrides, f"levels.0.rule.compile={compile_rule}"]
+        )
+        torch.set_num_threads(threads)
         start = time.perf_counter()
         compiled.train_epoch()  # compiles the rule
         compile_seconds = time.perf_counter() - start

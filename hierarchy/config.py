@@ -238,7 +238,7 @@ def validate(config: Config) -> None:
     from hierarchy.baselines import BASELINES
     from hierarchy.distributed import world_size_from_env
     from hierarchy.rules import RULES
-    from hierarchy.trainer import OPTIMIZERS
+    from hierarchy.trainer import COUNTS, OPTIMIZERS
     from hierarchy.unroll import MODES
 
     def fail(key: str, value: object, accepted: str) -> None:
@@ -288,7 +288,7 @@ def validate(config: Config) -> None:
             meta.truncation,
             f"an integer from 1 to the top level's horizon ({top.horizon})",
         )
-    for key in ("epochs", "meta_batch", "val_every", "val_tasks", "max_bad_updates"):
+    for key in COUNTS:
         if getattr(meta, key) < 1:
             fail(f"meta.{key}", getattr(meta, key), "a positive integer")
     world_size = world_size_from_env()

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
+COUNTS = ("epochs", "meta_batch", "val_every", "val_tasks", "max_bad_updates")
+"""MetaTrainer arguments (and ``meta.`` config keys) that must be positive integers."""
+
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
     "sgd": torch.optim.SGD,
@@ -162,14 +165,9 @@ class MetaTrainer:
             raise ValueError(
                 f"top-level optimizer {optimizer!r} is not one of {sorted(OPTIMIZERS)}"
             )
-        counts = {
-            "epochs": epochs,
-            "meta_batch": meta_batch,
-            "val_every": val_every,
-            "val_tasks": val_tasks,
-            "max_bad_updates": max_bad_updates,
-        }
-        for name, value in counts.items():
+        arguments = locals()
+        for name in COUNTS:
+            value = arguments[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 1 <= truncation <= top.horizon:
