@@ -19,6 +19,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from hierarchy.kernels import gate_weights, lstm_step_kernel
+
 logger = logging.getLogger(__name__)
 
 Params = Tensor
@@ -79,7 +81,8 @@ class UpdateRule(nn.Module, ABC):
         self.sizes = {name: math.prod(shape) for name, shape in self.shapes.items()}
         self.theta = nn.Parameter(torch.empty(sum(self.sizes.values())))
         self.compile = False
-        """Run ``update`` through torch.compile (eager again if it cannot compile)."""
+        """Run ``update`` through torch.compile, and a rule's ``step_`` through a
+        fused kernel where it has one; eager again where either cannot compile."""
         self.checkpoint = False
         """Recompute the rule's activations in backward instead of keeping them."""
         self._compiled: Callable | None = None
@@ -242,7 +245,12 @@ class LSTMRule(NetworkRule):
         shapes["w_out"] = (hidden_size, 1)
         shapes["b_out"] = (1,)
         super().__init__(shapes, hidden_size, num_layers, out_scale, preprocess_p)
+        self._kernel_weights: tuple | None = None
         self.reset_parameters()
+
+    def __getstate__(self) -> dict:
+        # The fused kernel's weights are derived again by a copy.
+        return {**super().__getstate__(), "_kernel_weights": None}
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Uniform(-1/sqrt(H), 1/sqrt(H)) like torch's LSTM, forget bias 1."""
@@ -293,9 +301,14 @@ class LSTMRule(NetworkRule):
         buffer, its gates into another, and the activations, c and h are written
         over those buffers and the state; no temporaries the size of the gates.
 
-        A compiled rule (``compile``) runs its compiled ``update`` instead.
+        A compiled rule (``compile``) runs the fused C++ kernel of
+        ``hierarchy.kernels`` for float32 on the CPU, and its compiled ``update``
+        elsewhere or where the kernel cannot be built.
         """
-        if self.compile or theta.dim() != 1:
+        if self.compile:
+            updates = self._kernel_step_(theta, grad, state)
+            return super().step_(theta, grad, state) if updates is None else updates
+        if theta.dim() != 1:
             return super().step_(theta, grad, state)
 
         weights = self.unflatten(theta)
@@ -333,6 +346,59 @@ class LSTMRule(NetworkRule):
                 out=updates[b : b + 1],
             )
         return updates.mul_(self.out_scale)
+
+    def _kernel_step_(
+        self, theta: Tensor, grad: Tensor, state: State
+    ) -> Updates | None:
+        """``step_`` by the fused kernel, or None where it does not apply: not
+        float32 on the CPU, weights per problem, a state not in the layout of
+        ``inference_state``, or no compiler to build the kernel."""
+        rows = [s.mT for s in state]  # (B, H, D) views, each unit's row contiguous
+        usable = (
+            grad.device.type == "cpu"
+            and theta.dim() == 1
+            and all(t.dtype == torch.float32 for t in (theta, grad, *state))
+            and all(
+                r.stride(-1) == 1 and r.stride(-2) == rows[0].stride(-2) for r in rows
+            )
+        )
+        kernel = lstm_step_kernel() if usable else None
+        if kernel is None:
+            return None
+
+        # The kernel's weights are derived once per theta and kept with it (the
+        # reference keeps theta alive, so its identity and version name it).
+        cached = getattr(self, "_kernel_weights", None)
+        if cached is None or cached[0] is not theta or cached[1] != theta._version:
+            weights = self.unflatten(theta.detach())
+            matrices, biases = gate_weights(weights, self.num_layers, self.hidden_size)
+            head = weights["w_out"].reshape(-1).contiguous()
+            cached = (
+                theta,
+                theta._version,
+                matrices,
+                biases,
+                head,
+                float(weights["b_out"]),
+            )
+            self._kernel_weights = cached
+        _, _, matrices, biases, head, head_bias = cached
+
+        updates = torch.empty_like(grad)
+        for b in range(grad.shape[0]):
+            features = preprocess(grad[b], self.preprocess_p, dim=0).contiguous()
+            kernel.lstm_step(
+                features,
+                [r[b] for r in rows[0::2]],
+                [r[b] for r in rows[1::2]],
+                matrices,
+                biases,
+                head,
+                head_bias,
+                self.out_scale,
+                updates[b],
+            )
+        return updates
 
 
 class MLPRule(NetworkRule):

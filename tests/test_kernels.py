@@ -1,0 +1,184 @@
+"""Tests for hierarchy/kernels: the fused LSTM step against the rule's update.
+
+Building the kernel takes about 30 s the first time (torch caches the build);
+where no C++ compiler or ninja is found, the tests that need it are skipped with
+that reason and the fallback tests still run.
+"""
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hierarchy import kernels
+from hierarchy.optim import LearnedOptimizer
+from hierarchy.rules import LSTMRule
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = kernels.lstm_step_kernel()
+    if module is None:
+        pytest.skip("the fused LSTM step cannot be built here (no compiler or ninja)")
+    return module
+
+
+def _gradients(batch: int, coordinates: int, seed: int) -> torch.Tensor:
+    """Gradients over ten orders of magnitude, with zeros and both signs, so that
+    both branches of the preprocessing are taken."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** torch.randint(-9, 2, (batch, coordinates), generator=generator)
+    grad = torch.randn(batch, coordinates, generator=generator) * scale
+    grad[:, ::17] = 0.0
+    return grad
+
+
+@pytest.mark.parametrize(
+    ("hidden", "layers", "coordinates"), [(20, 2, 1000), (7, 1, 64), (5, 3, 131)]
+)
+def test_fused_step_matches_update(kernel, hidden, layers, coordinates) -> None:
+    """Over several steps, from a random state, for tile-sized and ragged numbers
+    of coordinates and two problems: the kernel's updates and state are the
+    plain ``update``'s to float rounding."""
+    torch.manual_seed(0)
+    rule = LSTMRule(hidden_size=hidden, num_layers=layers)
+    fused = LSTMRule(hidden_size=hidden, num_layers=layers)
+    fused.load_state_dict(rule.state_dict())
+    fused.compile = True
+    theta = rule.theta.detach()
+
+    grad = _gradients(2, coordinates, seed=1)
+    plain = tuple(torch.randn_like(s) for s in rule.init_state(grad))
+    in_place = fused.inference_state(grad)
+    for target, value in zip(in_place, plain):
+        target.copy_(value)
+
+    for step in range(4):
+        grad = _gradients(2, coordinates, seed=10 + step)
+        with torch.no_grad():
+            expected, plain = rule.update(theta, grad, plain)
+            update = fused.step_(theta, grad, in_place)
+        torch.testing.assert_close(update, expected, rtol=1e-5, atol=1e-7)
+        for ours, theirs in zip(in_place, plain):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_saturated_gates_stay_finite_and_as_accurate_as_torch(kernel) -> None:
+    """Weights twenty times too large saturate the gates (clamped exponentials in
+    the kernel) and magnify rounding. Measured against the plain update in
+    float64, the kernel's error stays within a small multiple of the error of
+    torch's own float32 update."""
+    torch.manual_seed(0)
+    rule = LSTMRule()
+    with torch.no_grad():
+        rule.theta.mul_(20.0)
+    fused = copy.deepcopy(rule)
+    fused.compile = True
+    exact = copy.deepcopy(rule).double()
+    grad = _gradients(1, 300, seed=3) * 1e3
+    plain, truth = rule.init_state(grad), exact.init_state(grad.double())
+    in_place = fused.inference_state(grad)
+
+    def error(ours: tuple, theirs: tuple) -> float:
+        return max((a.double() - b).abs().max().item() for a, b in zip(ours, theirs))
+
+    for _ in range(3):
+        with torch.no_grad():
+            expected, plain = rule.update(rule.theta, grad, plain)
+            correct, truth = exact.update(exact.theta, grad.double(), truth)
+            update = fused.step_(fused.theta.detach(), grad, in_place)
+        assert torch.isfinite(update).all()
+        torch_error = error((expected, *plain), (correct, *truth))
+        assert error((update, *in_place), (correct, *truth)) <= 3 * torch_error
+
+
+def test_compiled_learned_optimizer_follows_the_eager_one(kernel) -> None:
+    """LearnedOptimizer with a compiled rule (the kernel, in chunks) trains a
+    model like the eager rule, and its weights follow a change of theta."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 1))]
+    models.append(nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 1)))
+    models[1].load_state_dict(models[0].state_dict())
+    rule = LSTMRule()
+    fused = LSTMRule()
+    fused.load_state_dict(rule.state_dict())
+    fused.compile = True
+    optimizers = [
+        LearnedOptimizer(models[0].parameters(), rule, chunk_size=100),
+        LearnedOptimizer(models[1].parameters(), fused, chunk_size=100),
+    ]
+    x = torch.randn(32, 6)
+    y = x.sum(dim=1, keepdim=True)
+
+    for step in range(6):
+        if step == 3:  # new weights must reach the kernel's cached copy
+            for optimizer in optimizers:
+                for theta in optimizer._theta.values():
+                    theta.mul_(0.5)
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            optimizer.step()
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_what_the_kernel_cannot_take_runs_the_eager_step(kernel, monkeypatch) -> None:
+    """float64, a coordinate-major state and weights per problem fall back."""
+    calls = []
+    monkeypatch.setattr(kernel, "lstm_step", lambda *args: calls.append(args))
+    rule = LSTMRule(hidden_size=4)
+    rule.compile = True
+    rule._compiled = rule.update  # skip torch.compile; only the routing matters
+    grad = _gradients(2, 30, seed=0)
+    with torch.no_grad():
+        rule.double().step_(rule.theta, grad.double(), rule.init_state(grad.double()))
+        rule.float()
+        rule.step_(rule.theta, grad, rule.init_state(grad))
+        theta = rule.theta.detach().expand(2, -1)
+        rule.step_(theta, grad, rule.inference_state(grad))
+        assert calls == []
+        rule.step_(rule.theta, grad, rule.inference_state(grad))
+    assert len(calls) == 2  # one call per problem
+
+
+def test_a_failed_build_warns_once_and_steps_eagerly(monkeypatch, caplog) -> None:
+    """Without a compiler the compiled rule's step equals the eager one's."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
+    kernels.lstm_step_kernel.cache_clear()
+    try:
+        rule = LSTMRule(hidden_size=4)
+        fused = LSTMRule(hidden_size=4)
+        fused.load_state_dict(rule.state_dict())
+        fused.compile = True
+        fused._compiled = fused.update  # the torch.compile fallback, eagerly
+        grad = _gradients(1, 50, seed=2)
+        states = [rule.inference_state(grad), fused.inference_state(grad)]
+        with caplog.at_level(logging.WARNING), torch.no_grad():
+            for _ in range(2):
+                expected = rule.step_(rule.theta, grad, states[0])
+                update = fused.step_(fused.theta, grad, states[1])
+                torch.testing.assert_close(update, expected)
+    finally:
+        kernels.lstm_step_kernel.cache_clear()
+    warnings = [r for r in caplog.records if "could not be built" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "Ninja is required" in warnings[0].getMessage()
+
+
+def test_gate_weights_are_transposed_and_scaled_to_base_two() -> None:
+    rule = LSTMRule(hidden_size=3, num_layers=2)
+    weights = rule.unflatten(rule.theta.detach())
+    matrices, biases = kernels.gate_weights(weights, 2, 3)
+    log2e = math.log2(math.e)
+    scale = torch.tensor([-log2e] * 6 + [-2 * log2e] * 3 + [-log2e] * 3)
+    assert [tuple(m.shape) for m in matrices] == [(12, 5), (12, 6)]
+    torch.testing.assert_close(matrices[1], weights["w1"].T * scale[:, None])
+    torch.testing.assert_close(biases[0], weights["b0"] * scale)
