@@ -7,8 +7,10 @@ unknown key or a value of the wrong type raises ``ConfigError`` naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,6 +246,7 @@ def validate(config: Config) -> None:
     def fail(key: str, value: object, accepted: str) -> None:
         raise ConfigError(f"config key {key!r} = {value!r}: expected {accepted}")
 
+    _check_list_items(config, "", fail)
     if not config.levels:
         fail("levels", [], "a list of at least one level")
     for k, level in enumerate(config.levels):
@@ -362,6 +365,36 @@ def _check_rule_keys(rule: RuleConfig, prefix: str, fail: Callable) -> None:
                 f"no value here: a {rule.kind!r} rule does not read it (it is for "
                 f"{' and '.join(kinds) or 'the baselines'})",
             )
+
+
+def _check_list_items(node: object, prefix: str, fail) -> None:
+    """Every item of a typed list is of the list's type: an override can slip a
+    nested list or mapping past omegaconf into a list of numbers or names."""
+    hints = typing.get_type_hints(type(node))
+    for entry in dataclasses.fields(node):
+        key, value, hint = (
+            prefix + entry.name,
+            getattr(node, entry.name),
+            hints[entry.name],
+        )
+        if dataclasses.is_dataclass(value):
+            _check_list_items(value, key + ".", fail)
+        elif typing.get_origin(hint) is list:
+            (item,) = typing.get_args(hint)
+            for k, element in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check_list_items(element, f"{key}.{k}.", fail)
+                elif not _is_a(element, item):
+                    fail(key, value, f"a list of {item.__name__} values")
+
+
+def _is_a(value: object, kind: type) -> bool:
+    """``value`` is of ``kind``, an int counting as a float but a bool as neither."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 def _positive(value: float) -> bool:

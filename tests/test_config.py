@@ -62,6 +62,13 @@ def test_bad_override_names_key(override: str, key: str) -> None:
         ("eval.variations=[{name: default, task: {}}]", "eval.variations"),
         ("levels.0.rule.momenta=[0.5]", "levels.0.rule.momenta"),
         ("levels.0.rule.lr=0.1", "levels.0.rule.lr"),
+        # omegaconf lets nested lists and mappings into typed lists
+        ("eval.lr_grid=[{rule: {kind: mlp}, horizon: 3}]", "eval.lr_grid"),
+        ("eval.baselines=[[sgd]]", "eval.baselines"),
+        ("eval.horizons=[{a: 1}]", "eval.horizons"),
+        ("eval.report_steps=[[10]]", "eval.report_steps"),
+        ("task.hidden=[{a: 1}]", "task.hidden"),
+        ("levels.0.rule.momenta=[[0.9]]", "levels.0.rule.momenta"),
     ],
 )
 def test_unvalidated_keys_name_key(override: str, key: str) -> None:
