@@ -39,6 +39,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         chunk_size: coordinates per rule evaluation. The rule's temporaries (the
             LSTM's gates are 4 x hidden floats per coordinate) then stay bounded on
             large models, and the default keeps them in a CPU's cache.
+        compile: step with the rule's compiled path: for the LSTM in float32 on
+            the CPU a fused C++ kernel, built on first use (about 30 s, then
+            cached), and torch.compile of the rule on other devices. Its updates
+            equal the eager ones to float rounding. Without a compiler it warns
+            once and runs eagerly. None keeps the rule's own ``compile``.
     """
 
     def __init__(
@@ -47,6 +52,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         rule: UpdateRule,
         scale: float = 1.0,
         chunk_size: int = 2**15,
+        compile: bool | None = None,
     ) -> None:
         if not isinstance(rule, UpdateRule):
             raise TypeError(
@@ -64,6 +70,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.chunk_size = chunk_size
         self.rule = copy.deepcopy(rule).requires_grad_(False)
+        if compile is not None:
+            if not isinstance(compile, bool):
+                raise TypeError(f"compile must be True, False or None, got {compile!r}")
+            self.rule.compile = compile
         self._theta: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._joint: dict[tuple[int, ...], tuple] = {}
         super().__init__(params, defaults={"scale": scale})
@@ -81,16 +91,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def from_pretrained(
-        cls, name: str, params: Iterable, **group_defaults: float
+        cls, name: str, params: Iterable, **options: float | int | bool | None
     ) -> LearnedOptimizer:
         """An optimiser running the pretrained rule ``name`` shipped in the package.
 
-        ``hierarchy.pretrained.available()`` lists the names; ``group_defaults``
-        are the keyword arguments of the constructor (``scale``).
+        ``hierarchy.pretrained.available()`` lists the names; ``options`` are the
+        constructor's keyword arguments (``scale``, ``chunk_size``, ``compile``).
         """
         from hierarchy.pretrained import load_pretrained
 
-        return cls(params, load_pretrained(name), **group_defaults)
+        return cls(params, load_pretrained(name), **options)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group after checking its ``scale``, as torch optimisers check lr."""

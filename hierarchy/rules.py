@@ -302,12 +302,16 @@ class LSTMRule(NetworkRule):
         over those buffers and the state; no temporaries the size of the gates.
 
         A compiled rule (``compile``) runs the fused C++ kernel of
-        ``hierarchy.kernels`` for float32 on the CPU, and its compiled ``update``
-        elsewhere or where the kernel cannot be built.
+        ``hierarchy.kernels`` for float32 on the CPU and its compiled ``update``
+        on other devices. On the CPU without the kernel (float64, or no compiler)
+        it runs this eager step, which is faster there than compiled ``update``.
         """
         if self.compile:
             updates = self._kernel_step_(theta, grad, state)
-            return super().step_(theta, grad, state) if updates is None else updates
+            if updates is not None:
+                return updates
+            if grad.device.type != "cpu":
+                return super().step_(theta, grad, state)
         if theta.dim() != 1:
             return super().step_(theta, grad, state)
 

@@ -415,3 +415,16 @@ def test_bad_chunk_sizes_and_foreign_states_are_refused() -> None:
     with pytest.raises(ValueError, match=r"shape \(1, 3\).*another model"):
         target.load_state_dict(source.state_dict())
     assert not target.state  # refused before anything was replaced
+
+
+def test_compile_option_sets_the_optimizers_copy_and_refuses_non_booleans() -> None:
+    """``compile`` switches the optimiser's copy of the rule, not the caller's;
+    None keeps the rule's own setting."""
+    rule, model = LSTMRule(hidden_size=4), _model()
+    optimizer = LearnedOptimizer(model.parameters(), rule, compile=True)
+    assert optimizer.rule.compile and not rule.compile
+    again = LearnedOptimizer(model.parameters(), optimizer.rule, compile=False)
+    assert not again.rule.compile
+    assert LearnedOptimizer(model.parameters(), optimizer.rule).rule.compile
+    with pytest.raises(TypeError, match="compile must be True, False or None"):
+        LearnedOptimizer(model.parameters(), rule, compile="yes")
