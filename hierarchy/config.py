@@ -181,6 +181,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                     f"config file {str(path)!r} must hold a mapping of "
                     f"keys at its top level, not a list or a value"
                 )
+            _drop_retired(loaded, path)
             config = OmegaConf.merge(config, loaded)
         for override in overrides:
             _apply(config, override)
@@ -191,6 +192,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     assert isinstance(resolved, Config)
     validate(resolved)
     return resolved
+
+
+# Keys that earlier versions wrote into run folders, with the one value that
+# behaves as the current version does; older run folders stay loadable.
+RETIRED_KEYS = {"dtype": "float32"}
+
+
+def _drop_retired(loaded: DictConfig, path: Path) -> None:
+    """Drop retired top-level keys that hold their current behaviour; refuse
+    others, since the run they describe cannot be repeated as written."""
+    for key, current in RETIRED_KEYS.items():
+        if key not in loaded:
+            continue
+        if loaded[key] != current:
+            raise ConfigError(
+                f"config key {key!r} = {loaded[key]!r} in {str(path)!r} was retired: "
+                f"this version always runs as {key}={current}; remove the key"
+            )
+        del loaded[key]
 
 
 def _apply(config: DictConfig, override: str) -> None:
