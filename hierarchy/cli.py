@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,19 +33,25 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
     from hierarchy.trainer import CheckpointError, NonFiniteError
     from tasks.mnist_data import DataError
 
+    failure = None
     try:
         config = load_config(config_path, overrides)
         results = run(config)
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        failure = f"error: {error}"
     except OSError as error:
-        print(f"error: cannot write the run folder: {error}", file=sys.stderr)
-        return 2
+        failure = f"error: cannot write the run folder: {error}"
     finally:
+        # Before the process group exists (a config error) torchrun's RANK says
+        # which process speaks, so that the error is printed once.
         main_rank = distributed.Context.current().is_main
+        main_rank = main_rank and os.environ.get("RANK", "0") == "0"
         distributed.shutdown()
 
+    if failure is not None:
+        if main_rank:
+            print(failure, file=sys.stderr)
+        return 2
     if results.get("interrupted"):
         if main_rank:
             print(

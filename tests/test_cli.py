@@ -147,3 +147,14 @@ def test_pretrained_lists_names_and_commands(capsys) -> None:
     out = capsys.readouterr().out
     assert "lstm-mnist" in out and "lstm-quadratic" in out
     assert "made by: hierarchy train configs/two_level_mnist_long.yaml" in out
+
+
+@pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])
+def test_a_config_error_is_printed_by_rank_zero_only(
+    rank: str, printed: bool, monkeypatch, capsys
+) -> None:
+    """Under torchrun every rank fails on a bad config; one of them says so."""
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train", "two_level_quadratic", "meta.epochz=3"]) == 2
+    error = capsys.readouterr().err
+    assert ("config key 'meta.epochz' does not exist" in error) is printed
