@@ -317,7 +317,7 @@ class LSTMRule(NetworkRule):
 
         weights = self.unflatten(theta)
         hidden, coordinates = self.hidden_size, grad.shape[-1]
-        inputs = grad.new_empty(2 * hidden, coordinates)
+        inputs = grad.new_empty(max(2, hidden) + hidden, coordinates)
         gates = grad.new_empty(4 * hidden, coordinates)
         squashed = grad.new_empty(hidden, coordinates)
         updates = torch.empty_like(grad)
@@ -370,23 +370,33 @@ class LSTMRule(NetworkRule):
         if kernel is None:
             return None
 
-        # The kernel's weights are derived once per theta and kept with it (the
-        # reference keeps theta alive, so its identity and version name it).
+        # The kernel's weights are derived again whenever theta's values change
+        # (compared in full: a few thousand numbers, and an edit through .data
+        # leaves no other trace).
         cached = getattr(self, "_kernel_weights", None)
-        if cached is None or cached[0] is not theta or cached[1] != theta._version:
-            weights = self.unflatten(theta.detach())
+        if cached is None or not torch.equal(cached[0], theta):
+            weights = self.unflatten(theta.detach().clone())
             matrices, biases = gate_weights(weights, self.num_layers, self.hidden_size)
-            head = weights["w_out"].reshape(-1).contiguous()
+            head = weights["w_out"].reshape(-1).clone()
             cached = (
-                theta,
-                theta._version,
+                theta.detach().clone(),
                 matrices,
                 biases,
                 head,
                 float(weights["b_out"]),
             )
             self._kernel_weights = cached
-        _, _, matrices, biases, head, head_bias = cached
+        _, matrices, biases, head, head_bias = cached
+
+        # The kernel writes the state behind autograd's back: refuse what an
+        # in-place op would refuse, and bump the versions as one would.
+        if not torch.is_inference_mode_enabled() and any(
+            s.is_inference() for s in state
+        ):
+            raise RuntimeError(
+                "the LSTM state was made under torch.inference_mode and is stepped "
+                "outside it; step it under inference_mode, or start a fresh state"
+            )
 
         updates = torch.empty_like(grad)
         for b in range(grad.shape[0]):
@@ -402,6 +412,9 @@ class LSTMRule(NetworkRule):
                 self.out_scale,
                 updates[b],
             )
+        for s in state:
+            if not s.is_inference():
+                torch.autograd.graph.increment_version(s)
         return updates
 
 

@@ -113,10 +113,9 @@ def test_compiled_learned_optimizer_follows_the_eager_one(kernel, monkeypatch) -
     y = x.sum(dim=1, keepdim=True)
 
     for step in range(6):
-        if step == 3:  # new weights must reach the kernel's cached copy
+        if step == 3:  # new weights, even through .data, reach the kernel
             for optimizer in optimizers:
-                for theta in optimizer._theta.values():
-                    theta.mul_(0.5)
+                optimizer.rule.theta.data.mul_(0.5)
         for model, optimizer in zip(models, optimizers):
             optimizer.zero_grad()
             ((model(x) - y) ** 2).mean().backward()
@@ -181,3 +180,33 @@ def test_gate_weights_are_transposed_and_scaled_to_base_two() -> None:
     assert [tuple(m.shape) for m in matrices] == [(12, 5), (12, 6)]
     torch.testing.assert_close(matrices[1], weights["w1"].T * scale[:, None])
     torch.testing.assert_close(biases[0], weights["b0"] * scale)
+
+
+def test_the_kernel_guards_state_as_an_in_place_op_would(kernel) -> None:
+    """A state made under inference_mode cannot be stepped outside it (as in
+    eager torch), and a stepped state's version counter moves."""
+    rule = LSTMRule(hidden_size=4)
+    rule.compile = True
+    grad = _gradients(1, 100, seed=4)
+    with torch.inference_mode():
+        frozen = rule.inference_state(grad)
+        rule.step_(rule.theta.detach(), grad, frozen)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="inference_mode"):
+        rule.step_(rule.theta, grad, frozen)
+
+    state = rule.inference_state(grad)
+    before = [s._version for s in state]
+    with torch.no_grad():
+        rule.step_(rule.theta, grad, state)
+    assert all(s._version > v for s, v in zip(state, before))
+
+
+def test_build_errors_are_summarised_by_their_telling_line() -> None:
+    message = (
+        "Error building extension 'x': [1/2] c++ -MMD -MF lstm_step.o.d -O3 -c a.cpp\n"
+        "FAILED: lstm_step.o\n/bin/sh: 1: c++: not found\nninja: build stopped"
+    )
+    assert kernels._cause(message) == "/bin/sh: 1: c++: not found"
+    assert kernels._cause("Ninja is required to load C++ extensions") == (
+        "Ninja is required to load C++ extensions"
+    )

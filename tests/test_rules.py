@@ -231,11 +231,13 @@ def test_rule_config_rebuilds_same_layout(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["lstm", "mlp"])
 @pytest.mark.parametrize("fresh", ["init_state", "inference_state"])
-def test_in_place_step_matches_update(kind: str, fresh: str) -> None:
+@pytest.mark.parametrize("hidden", [5, 1])
+def test_in_place_step_matches_update(kind: str, fresh: str, hidden: int) -> None:
     """``step_`` returns ``update``'s updates and writes its new state in place,
-    on state in the training layout and in its own."""
+    on state in the training layout and in its own, down to one hidden unit
+    (narrower than the two input features)."""
     torch.manual_seed(0)
-    rule = RULES[kind](hidden_size=5).double()
+    rule = RULES[kind](hidden_size=hidden).double()
     grad = torch.randn(2, 9, dtype=torch.float64) * torch.logspace(-6, 1, 9)
     state = rule.init_state(grad)
     in_place = getattr(rule, fresh)(grad)

@@ -48,11 +48,23 @@ def lstm_step_kernel() -> ModuleType | None:
     except Exception as error:  # no compiler, no ninja, a failed build
         logger.warning(
             "the fused LSTM step could not be built (%s: %s); running the eager "
-            "step. It needs a C++ compiler and ninja (pip install ninja)",
+            "step. Building it takes a C++ compiler and ninja (pip install ninja)",
             type(error).__name__,
-            str(error).splitlines()[0] if str(error) else "",
+            _cause(str(error)),
         )
         return None
+
+
+def _cause(message: str) -> str:
+    """The telling line of a build error: torch's first line is the compile
+    command, and the compiler's or the shell's complaint comes later."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    telling = [
+        line
+        for line in lines[1:]
+        if "error" in line.lower() or "not found" in line.lower()
+    ]
+    return (telling or lines or [""])[0]
 
 
 def gate_weights(
