@@ -10,8 +10,9 @@ learning rate) measured in the same process, interleaved with the library:
    meta-batch of 8 networks (whether batching tasks pays; no compiled run).
 2. Quadratic meta-training: task-steps per second at meta-batch 128.
 3. The learned optimiser's step on models of about 16 thousand, 1 million and 10
-   million parameters, against torch.optim.Adam.step and one forward and backward
-   of the model; and the rule's matmul FLOP/s against torch.mm at its shapes.
+   million parameters, eager and compiled (on the CPU the fused C++ kernel),
+   against torch.optim.Adam.step and one forward and backward of the model; and
+   the rule's matmul FLOP/s against torch.mm at its shapes.
 4. Peak memory of meta-training against truncation and optimisee steps, and with
    rule checkpointing or chunked segments (``meta.checkpoint_steps``), each point
    a fresh process (``epoch_cost.py``).

@@ -375,16 +375,11 @@ class LSTMRule(NetworkRule):
         # leaves no other trace).
         cached = getattr(self, "_kernel_weights", None)
         if cached is None or not torch.equal(cached[0], theta):
-            weights = self.unflatten(theta.detach().clone())
+            frozen = theta.detach().clone()
+            weights = self.unflatten(frozen)
             matrices, biases = gate_weights(weights, self.num_layers, self.hidden_size)
-            head = weights["w_out"].reshape(-1).clone()
-            cached = (
-                theta.detach().clone(),
-                matrices,
-                biases,
-                head,
-                float(weights["b_out"]),
-            )
+            head = weights["w_out"].reshape(-1).contiguous()
+            cached = (frozen, matrices, biases, head, float(weights["b_out"]))
             self._kernel_weights = cached
         _, matrices, biases, head, head_bias = cached
 
@@ -398,7 +393,7 @@ class LSTMRule(NetworkRule):
                 "outside it; step it under inference_mode, or start a fresh state"
             )
 
-        updates = torch.empty_like(grad)
+        updates = grad.new_empty(grad.shape)  # contiguous, whatever grad's layout
         for b in range(grad.shape[0]):
             features = preprocess(grad[b], self.preprocess_p, dim=0).contiguous()
             kernel.lstm_step(

@@ -210,3 +210,14 @@ def test_build_errors_are_summarised_by_their_telling_line() -> None:
     assert kernels._cause("Ninja is required to load C++ extensions") == (
         "Ninja is required to load C++ extensions"
     )
+
+
+def test_a_non_contiguous_gradient_gives_the_eager_step(kernel) -> None:
+    rule = LSTMRule(hidden_size=6)
+    grad = _gradients(130, 2, seed=5).T  # (2, 130), columns contiguous
+    states = [rule.inference_state(grad), rule.inference_state(grad)]
+    with torch.no_grad():
+        expected = rule.step_(rule.theta, grad, states[0])
+        rule.compile = True
+        update = rule.step_(rule.theta, grad, states[1])
+    torch.testing.assert_close(update, expected, rtol=1e-5, atol=1e-7)
