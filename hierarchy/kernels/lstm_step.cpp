@@ -71,7 +71,7 @@ inline Vec cell_update(Vec i, Vec f, Vec g, Vec o, Vec& c) {
   const Vec eg = exp2_approx(g);
   const Vec pg = 1.0f + eg;
   c = (c * pi * pg + (1.0f - eg) * pf) / (pf * pi * pg);
-  const Vec ec = exp2_approx(c * -2.8853900817779268f);
+  const Vec ec = exp2_approx(c * -2.8853900817779268f);  // exp(-2c)
   return (1.0f - ec) / ((1.0f + exp2_approx(o)) * (1.0f + ec));
 }
 
@@ -98,11 +98,13 @@ void tile_step(const std::vector<Layer>& layers, int64_t hidden, float* x,
       Vec gate[4][kVectors];
       for (int g = 0; g < 4; ++g) {
         w[g] = layer.weight + (g * hidden + u) * layer.fan_in;
-        for (int v = 0; v < kVectors; ++v) gate[g][v] = splat(layer.bias[g * hidden + u]);
+        const Vec bias = splat(layer.bias[g * hidden + u]);
+        for (int v = 0; v < kVectors; ++v) gate[g][v] = bias;
       }
       for (int64_t k = 0; k < layer.fan_in; ++k) {
         Vec row[kVectors];
-        for (int v = 0; v < kVectors; ++v) row[v] = load(input + k * kTile + v * kWidth);
+        const float* from = input + k * kTile;
+        for (int v = 0; v < kVectors; ++v) row[v] = load(from + v * kWidth);
         for (int g = 0; g < 4; ++g) {
           const Vec weight = splat(w[g][k]);
           for (int v = 0; v < kVectors; ++v) gate[g][v] += weight * row[v];
@@ -111,7 +113,8 @@ void tile_step(const std::vector<Layer>& layers, int64_t hidden, float* x,
       float* c = cells + (l * hidden + u) * kTile;
       for (int v = 0; v < kVectors; ++v) {
         Vec cell = load(c + v * kWidth);
-        const Vec h = cell_update(gate[0][v], gate[1][v], gate[2][v], gate[3][v], cell);
+        const Vec h =
+            cell_update(gate[0][v], gate[1][v], gate[2][v], gate[3][v], cell);
         store(c + v * kWidth, cell);
         store(fresh + u * kTile + v * kWidth, h);
       }
@@ -176,7 +179,7 @@ void lstm_step(const torch::Tensor& features, const std::vector<torch::Tensor>& 
         fresh(hidden * kTile);
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t start = tile * kTile;
-      const size_t count = sizeof(float) * std::min(kTile, n - start);
+      const size_t bytes = sizeof(float) * std::min(kTile, n - start);
 
       // Gather the tile (a short last tile is padded with zeros), step it, and
       // scatter the state back.
@@ -185,14 +188,14 @@ void lstm_step(const torch::Tensor& features, const std::vector<torch::Tensor>& 
         std::fill(cells.begin(), cells.end(), 0.0f);
       }
       for (int64_t f = 0; f < 2; ++f) {
-        std::memcpy(&x[f * kTile], feats + f * n + start, count);
+        std::memcpy(&x[f * kTile], feats + f * n + start, bytes);
       }
       for (int64_t l = 0; l < depth; ++l) {
         const Layer& layer = layers[l];
         for (int64_t u = 0; u < hidden; ++u) {
           const int64_t row = (l * hidden + u) * kTile;
-          std::memcpy(&x[2 * kTile + row], layer.h + u * layer.stride + start, count);
-          std::memcpy(&cells[row], layer.c + u * layer.stride + start, count);
+          std::memcpy(&x[2 * kTile + row], layer.h + u * layer.stride + start, bytes);
+          std::memcpy(&cells[row], layer.c + u * layer.stride + start, bytes);
         }
       }
 
@@ -202,8 +205,8 @@ void lstm_step(const torch::Tensor& features, const std::vector<torch::Tensor>& 
         const Layer& layer = layers[l];
         for (int64_t u = 0; u < hidden; ++u) {
           const int64_t row = (l * hidden + u) * kTile;
-          std::memcpy(layer.h + u * layer.stride + start, &x[2 * kTile + row], count);
-          std::memcpy(layer.c + u * layer.stride + start, &cells[row], count);
+          std::memcpy(layer.h + u * layer.stride + start, &x[2 * kTile + row], bytes);
+          std::memcpy(layer.c + u * layer.stride + start, &cells[row], bytes);
         }
       }
 
@@ -215,7 +218,7 @@ void lstm_step(const torch::Tensor& features, const std::vector<torch::Tensor>& 
         for (int64_t j = 0; j < kTile; ++j) sum[j] += w_out[u] * top[u * kTile + j];
       }
       for (int64_t j = 0; j < kTile; ++j) sum[j] *= static_cast<float>(scale);
-      std::memcpy(out + start, sum, count);
+      std::memcpy(out + start, sum, bytes);
     }
   });
 }
