@@ -157,6 +157,22 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+SECTIONS = {
+    section.__name__: section
+    for section in (
+        RuleConfig,
+        LevelConfig,
+        TaskConfig,
+        MetaConfig,
+        VariationConfig,
+        EvalConfig,
+        WandbConfig,
+        Config,
+    )
+}
+"""The config's dataclasses by name, to list a section's keys in errors."""
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Merge a YAML file and ``key=value`` overrides onto the typed defaults."""
     try:
@@ -245,14 +261,27 @@ def _apply(config: DictConfig, override: str) -> None:
     try:
         OmegaConf.update(config, key, value, merge=True)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"config key {key!r}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"config key {key!r}: {_first_line(error)}") from None
 
 
 def _describe(error: OmegaConfBaseException) -> str:
     """One line naming the offending key, from omegaconf's richer message."""
     key = getattr(error, "full_key", None)
-    message = str(error).splitlines()[0]
+    message = _first_line(error)
     return f"config key {key!r}: {message}" if key else f"config: {message}"
+
+
+def _first_line(error: OmegaConfBaseException) -> str:
+    """omegaconf's first line, plus the keys accepted where it names an unknown
+    one ("Key 'x' not in 'RuleConfig'")."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    unknown = re.search(r"not in '(\w+Config)'", message)
+    section = SECTIONS.get(unknown.group(1)) if unknown else None
+    if section is not None:
+        names = ", ".join(entry.name for entry in dataclasses.fields(section))
+        joint = " It" if message.endswith(("?", ".")) else "; it"
+        message += f"{joint} accepts {names}"
+    return message
 
 
 def validate(config: Config) -> None:
@@ -467,5 +496,5 @@ def task_with_overrides(base: TaskConfig, changes: dict, key: str) -> TaskConfig
     try:
         merged = OmegaConf.merge(OmegaConf.structured(base), changes)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"config key {key!r}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"config key {key!r}: {_first_line(error)}") from None
     return OmegaConf.to_object(merged)

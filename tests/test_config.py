@@ -215,3 +215,12 @@ def test_retired_dtype_key_of_old_run_folders(tmp_path: Path) -> None:
     path.write_text("dtype: float64\n")
     with pytest.raises(ConfigError, match="'dtype' = 'float64'.*remove the key"):
         load_config(path)
+
+
+def test_an_unknown_key_error_lists_the_keys_its_section_accepts(tmp_path) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text("meta:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="'meta.epochz'.*It accepts optimizer, lr"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="'levels.0.rule'.*; it accepts kind, hidden"):
+        load_config(None, ["levels.0.rule={a: 1}"])
