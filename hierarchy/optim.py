@@ -170,8 +170,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         for index, p in zip(ids, params):
             rule_state = state_dict["state"].get(index, {}).get("rule_state")
             if rule_state is not None:
-                fresh = self.rule.init_state(torch.empty(1, p.numel(), device="meta"))
-                _check_saved_state(p, rule_state, fresh)
+                _check_saved_state(p, rule_state, self._fresh_state(p.numel()))
                 loaded[p] = rule_state
 
         rest = {key: value for key, value in state_dict.items() if key != "rule"}
@@ -180,6 +179,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.state[p]["rule_state"] = tuple(
                 s.to(device=p.device) for s in rule_state
             )
+
+    def _fresh_state(self, coordinates: int) -> State:
+        """A fresh rule state's shapes for ``coordinates``, on the meta device (no
+        memory), or on the CPU for a rule whose ``init_state`` cannot run there."""
+        try:
+            return self.rule.init_state(torch.empty(1, coordinates, device="meta"))
+        except (NotImplementedError, RuntimeError):
+            return self.rule.init_state(torch.empty(1, coordinates))
 
     def _step_group(self, params: list[Tensor], scale: float) -> None:
         """One rule evaluation over all coordinates of ``params``, as a batch of 1."""

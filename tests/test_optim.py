@@ -1,5 +1,7 @@
 """Tests for hierarchy/optim.py: a rule used as a torch.optim.Optimizer."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -428,3 +430,23 @@ def test_compile_option_sets_the_optimizers_copy_and_refuses_non_booleans() -> N
     assert LearnedOptimizer(model.parameters(), optimizer.rule).rule.compile
     with pytest.raises(TypeError, match="compile must be True, False or None"):
         LearnedOptimizer(model.parameters(), rule, compile="yes")
+
+
+class _ConcreteStateRule(LSTMRule):
+    """A rule whose init_state reads values, which the meta device cannot give."""
+
+    def init_state(self, params):
+        assert math.isfinite(float(params.sum()))
+        return super().init_state(params)
+
+
+def test_loading_checks_shapes_for_rules_that_cannot_run_on_the_meta_device() -> None:
+    model, rule = _model(), _ConcreteStateRule(hidden_size=4)
+    x, y = _regression()
+    optimizer = LearnedOptimizer(model.parameters(), rule)
+    ((model(x) - y) ** 2).mean().backward()
+    optimizer.step()
+    again = LearnedOptimizer(model.parameters(), rule)
+    again.load_state_dict(optimizer.state_dict())
+    state = again.state[next(model.parameters())]["rule_state"]
+    assert [tuple(s.shape) for s in state] == [(1, 40, 4)] * 4
