@@ -421,11 +421,8 @@ def _check_list_items(node: object, prefix: str, fail) -> None:
     nested list or mapping past omegaconf into a list of numbers or names."""
     hints = typing.get_type_hints(type(node))
     for entry in dataclasses.fields(node):
-        key, value, hint = (
-            prefix + entry.name,
-            getattr(node, entry.name),
-            hints[entry.name],
-        )
+        key, hint = prefix + entry.name, hints[entry.name]
+        value = getattr(node, entry.name)
         if dataclasses.is_dataclass(value):
             _check_list_items(value, key + ".", fail)
         elif typing.get_origin(hint) is list:
