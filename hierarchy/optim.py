@@ -186,7 +186,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         try:
             return self.rule.init_state(torch.empty(1, coordinates, device="meta"))
         except (NotImplementedError, RuntimeError):
-            return self.rule.init_state(torch.empty(1, coordinates))
+            return self.rule.init_state(torch.zeros(1, coordinates))
 
     def _step_group(self, params: list[Tensor], scale: float) -> None:
         """One rule evaluation over all coordinates of ``params``, as a batch of 1."""
