@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from hierarchy.kernels import gate_weights, lstm_step_kernel
+from hierarchy.kernels import kernel_weights, lstm_step_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -377,10 +377,8 @@ class LSTMRule(NetworkRule):
         if cached is None or not torch.equal(cached[0], theta):
             frozen = theta.detach().clone()
             weights = self.unflatten(frozen)
-            matrices, biases = gate_weights(weights, self.num_layers, self.hidden_size)
-            head = weights["w_out"].reshape(-1).contiguous()
-            cached = (frozen, matrices, biases, head, float(weights["b_out"]))
-            self._kernel_weights = cached
+            derived = kernel_weights(weights, self.num_layers, self.hidden_size)
+            cached = self._kernel_weights = (frozen, *derived)
         _, matrices, biases, head, head_bias = cached
 
         # The kernel writes the state behind autograd's back: refuse what an

@@ -171,15 +171,17 @@ def test_a_failed_build_warns_once_and_steps_eagerly(monkeypatch, caplog) -> Non
     assert "Ninja is required" in warnings[0].getMessage()
 
 
-def test_gate_weights_are_transposed_and_scaled_to_base_two() -> None:
+def test_kernel_weights_are_transposed_and_scaled_to_base_two() -> None:
     rule = LSTMRule(hidden_size=3, num_layers=2)
     weights = rule.unflatten(rule.theta.detach())
-    matrices, biases = kernels.gate_weights(weights, 2, 3)
+    matrices, biases, head, head_bias = kernels.kernel_weights(weights, 2, 3)
     log2e = math.log2(math.e)
     scale = torch.tensor([-log2e] * 6 + [-2 * log2e] * 3 + [-log2e] * 3)
     assert [tuple(m.shape) for m in matrices] == [(12, 5), (12, 6)]
     torch.testing.assert_close(matrices[1], weights["w1"].T * scale[:, None])
     torch.testing.assert_close(biases[0], weights["b0"] * scale)
+    torch.testing.assert_close(head, weights["w_out"].reshape(-1))
+    assert head_bias == weights["b_out"].item()
 
 
 def test_the_kernel_guards_state_as_an_in_place_op_would(kernel) -> None:

@@ -67,12 +67,13 @@ def _cause(message: str) -> str:
     return (telling or lines or [""])[0]
 
 
-def gate_weights(
+def kernel_weights(
     weights: dict[str, Tensor], num_layers: int, hidden: int
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Each layer's (K, 4H) weight and bias as the kernel reads them: transposed
-    to (4H, K), and scaled so that the gate sums come out as base-2 exponents of
-    exp(-z), -log2(e) z for i, f, o and -2 log2(e) z for g."""
+) -> tuple[list[Tensor], list[Tensor], Tensor, float]:
+    """The LSTM rule's named weights as ``lstm_step`` reads them: each layer's
+    (K, 4H) weight and bias transposed to (4H, K) and scaled so that the gate
+    sums come out as base-2 exponents of exp(-z) (-log2(e) z for i, f, o and
+    -2 log2(e) z for g), then the head's (H,) weights and its bias."""
     log2e = math.log2(math.e)
     scale = torch.full((4 * hidden,), -log2e, dtype=torch.float32)
     scale[2 * hidden : 3 * hidden] = -2.0 * log2e
@@ -80,4 +81,5 @@ def gate_weights(
     for layer in range(num_layers):
         matrices.append((weights[f"w{layer}"].T * scale[:, None]).contiguous())
         biases.append((weights[f"b{layer}"] * scale).contiguous())
-    return matrices, biases
+    head = weights["w_out"].reshape(-1).contiguous()
+    return matrices, biases, head, float(weights["b_out"])

@@ -128,7 +128,7 @@ void tile_step(const std::vector<Layer>& layers, int64_t hidden, float* x,
 // Advance the state in place and write the updates, for one problem.
 // features: (2, n) preprocessed gradient; h[l], c[l]: (H, n) views whose rows
 // share one stride and whose columns are contiguous; weights[l], biases[l]: the
-// layer's (4H, K_l) and (4H,) from gate_weights (transposed and scaled to base
+// layer's (4H, K_l) and (4H,) from kernel_weights (transposed and scaled to base
 // 2); head: (H,) weights of the linear head; updates: (n,) output.
 void lstm_step(const torch::Tensor& features, const std::vector<torch::Tensor>& h,
                const std::vector<torch::Tensor>& c,
