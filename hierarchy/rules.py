@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from hierarchy.kernels import kernel_weights, lstm_step_kernel
+from hierarchy.kernels import LSTMTrainStep, kernel_weights, lstm_step_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +286,51 @@ class LSTMRule(NetworkRule):
 
         out = _linear(x, weights["w_out"], weights["b_out"])
         return rearrange(out, "b n 1 -> b n") * self.out_scale, tuple(new_state)
+
+    def _compiled_update(self) -> Callable:
+        """The fused training step of ``hierarchy.kernels`` where it applies
+        (float32 on the CPU, one set of weights), else torch.compile of ``update``."""
+        compiled = super()._compiled_update()
+
+        def run(theta: Tensor, grad: Tensor, state: State):
+            fused = self._fused_update(theta, grad, state)
+            return compiled(theta, grad, state) if fused is None else fused
+
+        return run
+
+    def _fused_update(
+        self, theta: Tensor, grad: Tensor, state: State
+    ) -> tuple[Updates, State] | None:
+        """``update`` by ``LSTMTrainStep``, or None where it does not apply.
+
+        The state goes in and comes out as (B, D, H) views of (H, B, D) tensors,
+        so that each unit's values over all coordinates of all problems are one
+        row; a state in another layout is copied into this one first.
+        """
+        usable = (
+            grad.device.type == "cpu"
+            and theta.dim() == 1
+            and grad.numel() > 0
+            and all(t.dtype == torch.float32 for t in (theta, grad, *state))
+        )
+        kernel = lstm_step_kernel() if usable else None
+        if kernel is None:
+            return None
+
+        batch, coordinates = grad.shape
+        count, hidden = batch * coordinates, self.hidden_size
+        features = preprocess(grad, self.preprocess_p, dim=0).reshape(2, count)
+        rows = []
+        for s in state:
+            units = s.permute(2, 0, 1).reshape(hidden, count)
+            rows.append(units if units.stride(-1) == 1 else units.contiguous())
+        updates, *new = LSTMTrainStep.apply(
+            kernel, self.unflatten, self.out_scale, theta, features, *rows
+        )
+        new_state = tuple(
+            t.view(hidden, batch, coordinates).permute(1, 2, 0) for t in new
+        )
+        return updates.view(batch, coordinates), new_state
 
     def inference_state(self, params: Params) -> State:
         # Feature-major: each (B, D, H) state is a view of a contiguous (B, H, D),

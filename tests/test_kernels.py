@@ -223,3 +223,121 @@ def test_a_non_contiguous_gradient_gives_the_eager_step(kernel) -> None:
         rule.compile = True
         update = rule.step_(rule.theta, grad, states[1])
     torch.testing.assert_close(update, expected, rtol=1e-5, atol=1e-7)
+
+
+def _unroll_gradients(rule: LSTMRule, grads: list, state: tuple, fused: bool):
+    """Updates over a few steps, then the gradient of a random functional of the
+    updates and the last state in theta, the first state and each gradient."""
+    theta, start = rule.theta, state
+    step = rule._fused_update if fused else rule.update
+    total = 0.0
+    for grad in grads:
+        update, state = step(theta, grad, state)
+        total = total + (update * torch.cos(grad * 1e3)).sum()
+    total = total + sum((s * (k + 1)).sin().sum() for k, s in enumerate(state))
+    return update, state, torch.autograd.grad(total, (theta, *grads, *start))
+
+
+@pytest.mark.parametrize(
+    ("batch", "hidden", "layers", "coordinates"),
+    [(1, 20, 2, 1000), (3, 7, 1, 16), (2, 5, 3, 13), (1, 1, 2, 5)],
+)
+def test_fused_training_step_matches_update(
+    kernel, batch, hidden, layers, coordinates
+) -> None:
+    """The fused training step's updates, state, and gradients in theta, in the
+    gradient it reads (a second-order unroll) and in the starting state, over
+    three steps, are the plain ``update``'s to float rounding. Weights 3x their
+    initial scale saturate some gates."""
+    torch.manual_seed(0)
+    rule = LSTMRule(hidden_size=hidden, num_layers=layers)
+    with torch.no_grad():
+        rule.theta.mul_(3.0)
+    grads = [
+        _gradients(batch, coordinates, seed=20 + k).requires_grad_(True)
+        for k in range(3)
+    ]
+    start = tuple(
+        (torch.randn(batch, coordinates, hidden) * 0.5).requires_grad_(True)
+        for _ in range(2 * layers)
+    )
+
+    plain = _unroll_gradients(rule, grads, start, fused=False)
+    fused = _unroll_gradients(rule, grads, start, fused=True)
+
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(fused[1], plain[1]):
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(fused[2], plain[2]):
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_fused_training_step_state_layout(kernel) -> None:
+    """The new state is (B, D, H) views of (H, B, D) tensors, which the next step
+    reads without a copy; a plain (B, D, H) state is accepted too."""
+    rule = LSTMRule(hidden_size=4)
+    grad = torch.randn(2, 9)
+    with torch.no_grad():
+        _, state = rule._fused_update(rule.theta, grad, rule.init_state(grad))
+        assert state[0].shape == (2, 9, 4)
+        assert state[0].permute(2, 0, 1).is_contiguous()
+        expected, _ = rule.update(rule.theta, grad, tuple(s.clone() for s in state))
+        update, _ = rule._fused_update(rule.theta, grad, state)
+    torch.testing.assert_close(update, expected)
+
+
+def test_fused_training_step_applies_only_where_it_can(kernel) -> None:
+    """float64, weights per problem, or no coordinates: the caller's fallback."""
+    rule = LSTMRule(hidden_size=4)
+    grad = torch.randn(2, 5)
+    state = rule.init_state(grad)
+    assert rule._fused_update(rule.theta, grad, state) is not None
+    assert rule._fused_update(rule.theta.expand(2, -1), grad, state) is None
+    double = LSTMRule(hidden_size=4).double()
+    assert (
+        double._fused_update(
+            double.theta, grad.double(), double.init_state(grad.double())
+        )
+        is None
+    )
+    empty = torch.zeros(2, 0)
+    assert rule._fused_update(rule.theta, empty, rule.init_state(empty)) is None
+
+
+def test_fused_training_step_is_differentiable_once_only(kernel) -> None:
+    """Its backward is hand-written: differentiating it again is refused with
+    torch's message, not answered with a wrong number."""
+    rule = LSTMRule(hidden_size=3)
+    grad = torch.randn(1, 6)
+    update, _ = rule._fused_update(rule.theta, grad, rule.init_state(grad))
+    (meta_grad,) = torch.autograd.grad(
+        update.pow(2).sum(), rule.theta, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        meta_grad.sum().backward()
+
+
+@pytest.mark.parametrize("option", ["rule", "segments"])
+def test_compiled_rule_trains_like_the_plain_one(kernel, tiny_config, option) -> None:
+    """Meta-training with the fused step (``levels.0.rule.compile``), with the
+    rule's activations or whole segments recomputed in backward, takes the
+    plain rule's steps to float rounding."""
+    from hierarchy.experiment import build
+    from hierarchy.trainer import MetaTrainer
+
+    extra = (
+        ["levels.0.rule.checkpoint=true"]
+        if option == "rule"
+        else ["meta.checkpoint_steps=2"]
+    )
+    thetas = []
+    for overrides in ([], ["levels.0.rule.compile=true", *extra]):
+        config = tiny_config(*overrides)
+        top, _ = build(config)
+        trainer = MetaTrainer.from_config(top, config)
+        for _ in range(3):
+            trainer.train_epoch()
+        thetas.append(top.rule.theta.detach().clone())
+    torch.testing.assert_close(thetas[1], thetas[0], rtol=1e-5, atol=1e-6)

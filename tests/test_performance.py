@@ -183,8 +183,9 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog) -> None:
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
-    rule = LSTMRule(hidden_size=6)
-    grad = torch.randn(2, 5)
+    # float64: the fused float32 kernel does not apply, so torch.compile is tried.
+    rule = LSTMRule(hidden_size=6).double()
+    grad = torch.randn(2, 5, dtype=torch.float64)
     with torch.no_grad():
         expected, _ = rule.update(rule.theta, grad, rule.init_state(grad))
         rule.compile = True

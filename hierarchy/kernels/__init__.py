@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -21,7 +22,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("lstm_step.cpp")
+SOURCES = [Path(__file__).with_name(f"lstm_{part}.cpp") for part in ("step", "train")]
 
 # Instruction sets by torch's reading of this CPU. The name carries the choice,
 # so that machines sharing a home folder do not load each other's builds.
@@ -41,7 +42,7 @@ def lstm_step_kernel() -> ModuleType | None:
     try:
         return cpp_extension.load(
             name=f"hierarchy_lstm_step_{capability.lower()}",
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=["-O3", "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],
         )
@@ -83,3 +84,106 @@ def kernel_weights(
         biases.append((weights[f"b{layer}"] * scale).contiguous())
     head = weights["w_out"].reshape(-1).contiguous()
     return matrices, biases, head, float(weights["b_out"])
+
+
+class LSTMTrainStep(torch.autograd.Function):
+    """One step of the LSTM rule by ``lstm_train_forward``, differentiable once.
+
+    Takes the flat weights ``theta`` (P,), the preprocessed gradient ``features``
+    (2, n) and the state as (H, n) rows (h, c of each layer in turn); returns the
+    updates (n,) and the new state in the same order and layout. ``unflatten``
+    splits theta into the rule's named weights. Backward is hand-written in
+    ``lstm_train_backward`` and cannot itself be differentiated again.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        kernel: ModuleType,
+        unflatten: Callable[[Tensor], dict[str, Tensor]],
+        scale: float,
+        theta: Tensor,
+        features: Tensor,
+        *state: Tensor,
+    ) -> tuple[Tensor, ...]:
+        depth = len(state) // 2
+        weights = unflatten(theta)
+        out = kernel.lstm_train_forward(
+            features,
+            list(state[0::2]),
+            list(state[1::2]),
+            [weights[f"w{layer}"] for layer in range(depth)],
+            [weights[f"b{layer}"] for layer in range(depth)],
+            weights["w_out"].reshape(-1),
+            weights["b_out"],
+            scale,
+        )
+        updates, h_new, c_new = (
+            out[0],
+            out[1 : 1 + depth],
+            out[1 + depth : 1 + 2 * depth],
+        )
+        ctx.save_for_backward(
+            theta, features, *state, *h_new, *c_new, *out[1 + 2 * depth :]
+        )
+        ctx.kernel, ctx.unflatten, ctx.scale, ctx.depth = (
+            kernel,
+            unflatten,
+            scale,
+            depth,
+        )
+        ctx.set_materialize_grads(False)
+        return (updates, *_interleave(h_new, c_new))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_updates: Tensor | None,
+        *grads: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:
+        depth = ctx.depth
+        theta, features, *saved = ctx.saved_tensors
+        state, saved = saved[: 2 * depth], saved[2 * depth :]
+        h_new, c_new, acts = saved[:depth], saved[depth : 2 * depth], saved[2 * depth :]
+        if grad_updates is None:
+            grad_updates = features.new_zeros(features.shape[1])
+        none = features.new_empty(0)
+        grads = [none if g is None else g.contiguous() for g in grads]
+
+        grad_theta = torch.empty_like(theta)  # every entry is written below
+        views = ctx.unflatten(grad_theta)
+        weights = ctx.unflatten(theta)
+        out = ctx.kernel.lstm_train_backward(
+            features,
+            list(state[0::2]),
+            list(state[1::2]),
+            list(h_new),
+            list(c_new),
+            list(acts),
+            [weights[f"w{layer}"] for layer in range(depth)],
+            weights["w_out"].reshape(-1),
+            ctx.scale,
+            grad_updates,
+            grads[0::2],
+            grads[1::2],
+            [views[f"w{layer}"] for layer in range(depth)],
+            [views[f"b{layer}"] for layer in range(depth)],
+            views["w_out"].reshape(-1),
+            views["b_out"],
+            ctx.needs_input_grad[4],
+        )
+        grad_features, grad_h, grad_c = out[0], out[1 : 1 + depth], out[1 + depth :]
+        return (
+            None,
+            None,
+            None,
+            grad_theta,
+            grad_features,
+            *_interleave(grad_h, grad_c),
+        )
+
+
+def _interleave(h: list[Tensor], c: list[Tensor]) -> list[Tensor]:
+    """h0, c0, h1, c1, ...: the rule's state order from per-kind lists."""
+    return [t for pair in zip(h, c) for t in pair]

@@ -223,6 +223,28 @@ void lstm_step(const torch::Tensor& features, const std::vector<torch::Tensor>& 
   });
 }
 
+// The training step's forward and backward, from lstm_train.cpp.
+std::vector<torch::Tensor> lstm_train_forward(
+    const torch::Tensor& features, const std::vector<torch::Tensor>& h,
+    const std::vector<torch::Tensor>& c, const std::vector<torch::Tensor>& weights,
+    const std::vector<torch::Tensor>& biases, const torch::Tensor& head,
+    const torch::Tensor& head_bias, double scale);
+std::vector<torch::Tensor> lstm_train_backward(
+    const torch::Tensor& features, const std::vector<torch::Tensor>& h,
+    const std::vector<torch::Tensor>& c, const std::vector<torch::Tensor>& h_new,
+    const std::vector<torch::Tensor>& c_new, const std::vector<torch::Tensor>& acts,
+    const std::vector<torch::Tensor>& weights, const torch::Tensor& head,
+    double scale, const torch::Tensor& grad_updates,
+    const std::vector<torch::Tensor>& grad_h_new,
+    const std::vector<torch::Tensor>& grad_c_new,
+    const std::vector<torch::Tensor>& grad_weights,
+    const std::vector<torch::Tensor>& grad_biases, const torch::Tensor& grad_head,
+    const torch::Tensor& grad_head_bias, bool want_features);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("lstm_step", &lstm_step, "Fused LSTM optimiser step, in place");
+  module.def("lstm_train_forward", &lstm_train_forward,
+             "LSTM optimiser step for training: updates, new state, saved gates");
+  module.def("lstm_train_backward", &lstm_train_backward,
+             "Gradients of lstm_train_forward's inputs");
 }
