@@ -3,34 +3,47 @@
 //
 // Autograd through LSTMRule.update runs a dozen elementwise kernels per layer in
 // each direction and keeps about 600 floats per coordinate per step for
-// backward. Here the gate products are torch's matrix multiplies over the
-// feature-major (units, coordinates) layout, and everything between them is one
-// fused pass per layer: the activations, the cell and the hidden state forward;
-// the gate gradients and the cell's gradient backward. Forward keeps the four
-// activated gates of each layer (4H floats per coordinate); tanh(c) is computed
-// again in backward from the new cell, which is an output and kept anyway.
+// backward. Here the coordinates go in blocks, each block through every layer
+// while it sits in the core's L2 cache: the gate products by BLAS, then one
+// fused pass for the activations, the cell and the hidden state (forward), or
+// for the gate and cell gradients (backward). Only the state, the activated
+// gates (4H floats per coordinate, kept for backward) and the gradients of the
+// inputs go to memory; each thread sums the weights' gradient of its blocks.
 // float32 only; the sigmoid and tanh are exact to float rounding (about 1e-7).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+// The BLAS matrix product that torch is linked with (MKL in the pip wheels),
+// called directly: a block's products are too small for the dispatcher's cost.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m,
+                       const int* n, const int* k, const float* alpha,
+                       const float* a, const int* lda, const float* b,
+                       const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
+// MKL's per-thread thread count; weak, so a torch built on another BLAS loads
+// this file too, and the call is skipped there.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace {
 
 typedef float Vec __attribute__((vector_size(64)));
 typedef int32_t IVec __attribute__((vector_size(64)));
 constexpr int64_t kWidth = 16;
+constexpr int64_t kBlock = 1024;  // coordinates per block: about 0.7 MB in use
 constexpr float kLog2e = 1.4426950408889634f;
 
 inline Vec splat(float value) { return Vec{} + value; }
 
 // The first `count` floats at `from`, zeros after them: the last, short vector of
-// a row is read and written through these, so no row needs padding.
-inline Vec load(const float* from, int64_t count) {
+// a block is read and written through these, so no row needs padding.
+__attribute__((always_inline)) inline Vec load(const float* from, int64_t count) {
   Vec v{};
   if (count == kWidth) {
     std::memcpy(&v, from, sizeof(Vec));  // one vector load, not a call
@@ -40,12 +53,33 @@ inline Vec load(const float* from, int64_t count) {
   return v;
 }
 
-inline void store(float* to, Vec v, int64_t count) {
+__attribute__((always_inline)) inline void store(float* to, Vec v, int64_t count) {
   if (count == kWidth) {
     std::memcpy(to, &v, sizeof(Vec));
   } else {
     std::memcpy(to, &v, sizeof(float) * count);
   }
+}
+
+inline float sum_lanes(Vec v) {
+  typedef float Half __attribute__((vector_size(32)));
+  typedef float Quarter __attribute__((vector_size(16)));
+  const Half h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Quarter q = __builtin_shufflevector(h, h, 0, 1, 2, 3) +
+                    __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// Runs body(at, width) over `count` coordinates, 16 at a time, then the short
+// rest: the full vectors' width is a constant, so their loads and stores are
+// single instructions.
+template <typename Body>
+__attribute__((always_inline)) inline void for_vectors(int64_t count,
+                                                       const Body& body) {
+  int64_t at = 0;
+  for (; at + kWidth <= count; at += kWidth) body(at, kWidth);
+  if (at < count) body(at, count - at);
 }
 
 // 2^z, as in lstm_step.cpp: z clamped to [-36, 36], a degree-6 polynomial for the
@@ -66,23 +100,31 @@ inline Vec exp2_approx(Vec z) {
   return p * reinterpret_cast<const Vec&>(bits);
 }
 
-inline Vec sigmoid(Vec z) { return 1.0f / (1.0f + exp2_approx(z * -kLog2e)); }
+// 1 / x to float rounding. With AVX-512, a 14-bit estimate and one Newton step
+// (error about 2^-28) cost a fraction of a division.
+inline Vec reciprocal(Vec x) {
+#ifdef __AVX512F__
+  const Vec r = __builtin_ia32_rcp14ps512_mask(x, Vec{}, static_cast<uint16_t>(-1));
+  return r * (2.0f - x * r);
+#else
+  return 1.0f / x;
+#endif
+}
 
 inline Vec tanh_approx(Vec z) {
   const Vec e = exp2_approx(z * (-2.0f * kLog2e));
-  return (1.0f - e) / (1.0f + e);
+  return (1.0f - e) * reciprocal(1.0f + e);
 }
 
-// A (rows, n) float matrix whose rows are `stride` floats apart.
+// A row-major float matrix: row r starts `stride` floats after row r - 1.
 struct Rows {
   float* data;
   int64_t stride;
   float* row(int64_t r) const { return data + r * stride; }
+  Rows at(int64_t column) const { return {data + column, stride}; }
 };
 
-Rows rows_of(const at::Tensor& t) {
-  return {t.data_ptr<float>(), t.stride(0)};
-}
+Rows rows_of(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0)}; }
 
 // A gradient that reached an output; an empty tensor stands for none.
 bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
@@ -94,115 +136,228 @@ void check_rows(const at::Tensor& t, int64_t rows, int64_t n, const char* what) 
               ") tensor with contiguous rows");
 }
 
-// Runs body(unit, first, count) over every unit and every run of up to kWidth
-// coordinates, split between threads by blocks of coordinates.
+// Row-major C (m, n) = op(A) (m, k) op(B) (k, n) + beta C, op transposing where
+// asked; column-major BLAS computes it as C^T = op(B)^T op(A)^T.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+          const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+          float* c, int64_t ldc) {
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int mm = static_cast<int>(n), nn = static_cast<int>(m),
+            kk = static_cast<int>(k), la = static_cast<int>(ldb),
+            lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const float alpha = 1.0f;
+  sgemm_(&ta, &tb, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
+}
+
+// out[r][j] += sum over the block's coordinates of a[r][.] * b[j][.], for R rows
+// of `a` and C rows of `b` held in R * C vector accumulators. With coordinates
+// along the vector lanes this is a row of FMAs per 16 coordinates, where BLAS,
+// given this shape (a long inner size and a small output), runs at about a
+// third of its speed on the other products.
+template <int R, int C>
+void outer_sum_block(const Rows& a, const Rows& b, int64_t count, float* out,
+                     int64_t ldo) {
+  Vec acc[R][C] = {};
+  const float* a_rows[R];
+  const float* b_rows[C];
+  for (int r = 0; r < R; ++r) a_rows[r] = a.row(r);
+  for (int j = 0; j < C; ++j) b_rows[j] = b.row(j);
+  const int64_t full = count - count % kWidth;
+  for (int64_t at = 0; at < full; at += kWidth) {
+    Vec rows[R];
+    for (int r = 0; r < R; ++r) std::memcpy(&rows[r], a_rows[r] + at, sizeof(Vec));
+    for (int j = 0; j < C; ++j) {
+      Vec column;
+      std::memcpy(&column, b_rows[j] + at, sizeof(Vec));
+      for (int r = 0; r < R; ++r) acc[r][j] += rows[r] * column;
+    }
+  }
+  if (full < count) {
+    const int64_t width = count - full;
+    for (int j = 0; j < C; ++j) {
+      const Vec column = load(b_rows[j] + full, width);
+      for (int r = 0; r < R; ++r) acc[r][j] += load(a_rows[r] + full, width) * column;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < C; ++j) out[r * ldo + j] += sum_lanes(acc[r][j]);
+  }
+}
+
+// out (m, n) += a (m, count) b^T (count, n), rows of a and b as given.
+void outer_sum(const Rows& a, int64_t m, const Rows& b, int64_t n, int64_t count,
+               float* out, int64_t ldo) {
+  constexpr int R = 4, C = 5;
+  int64_t r = 0;
+  for (; r + R <= m; r += R) {
+    int64_t j = 0;
+    for (; j + C <= n; j += C) {
+      outer_sum_block<R, C>(Rows{a.row(r), a.stride}, Rows{b.row(j), b.stride},
+                            count, out + r * ldo + j, ldo);
+    }
+    for (; j < n; ++j) {
+      outer_sum_block<R, 1>(Rows{a.row(r), a.stride}, Rows{b.row(j), b.stride},
+                            count, out + r * ldo + j, ldo);
+    }
+  }
+  for (; r + 2 <= m; r += 2) {  // the first layer's two features
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      outer_sum_block<2, 8>(Rows{a.row(r), a.stride}, Rows{b.row(j), b.stride},
+                            count, out + r * ldo + j, ldo);
+    }
+    for (; j < n; ++j) {
+      outer_sum_block<2, 1>(Rows{a.row(r), a.stride}, Rows{b.row(j), b.stride},
+                            count, out + r * ldo + j, ldo);
+    }
+  }
+  for (; r < m; ++r) {
+    for (int64_t j = 0; j < n; ++j) {
+      outer_sum_block<1, 1>(Rows{a.row(r), a.stride}, Rows{b.row(j), b.stride},
+                            count, out + r * ldo + j, ldo);
+    }
+  }
+}
+
+// Runs block(first, count) over blocks of kBlock coordinates, split between
+// threads, with `scratch` floats of the calling thread's own to work in.
 template <typename Body>
-void for_each_vector(int64_t hidden, int64_t n, const Body& body) {
-  const int64_t vectors = (n + kWidth - 1) / kWidth;
-  at::parallel_for(0, vectors, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t u = 0; u < hidden; ++u) {
-      for (int64_t v = begin; v < end; ++v) {
-        const int64_t first = v * kWidth;
-        body(u, first, std::min(kWidth, n - first));
-      }
+void for_each_block(int64_t n, int64_t scratch, const Body& block) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    // MKL would otherwise start threads of its own inside each of ours, several
+    // times slower; this thread's setting is put back before it leaves.
+    const int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    std::vector<float> buffer(scratch);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t first = b * kBlock;
+      block(first, std::min(kBlock, n - first), buffer.data());
     }
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
   });
 }
 
-// Activations in place over the gate products (i, f, g, o rows of each unit)
-// plus the bias, then c' = f c + i g and h' = o tanh(c'). Sigmoids and tanh share
-// divisions in pairs: with p = 1 + exp(-z), 1 / (p_i p_f) gives both i and f.
-// Each p is at most 1 + 2^36, so a product of two stays finite.
-//
-// `features` (2, n), if given, are the first layer's two inputs with their
-// weights `w_features` (2, 4H): their products are summed here too, as a matrix
-// multiply with an inner size of 2 runs far below the machine's speed.
-void cell_forward(const at::Tensor& gates, const float* bias, const float* features,
-                  const float* w_features, const Rows& c, const Rows& c_new,
-                  const Rows& h_new, int64_t hidden, int64_t n) {
-  const Rows z = rows_of(gates);
-  const int64_t gate_count = 4 * hidden;
-  for_each_vector(hidden, n, [&](int64_t u, int64_t at, int64_t count) {
-    float* row[4];
-    Vec sum[4];
-    Vec x0{}, x1{};
-    if (features != nullptr) {
-      x0 = load(features + at, count);
-      x1 = load(features + n + at, count);
+// Per-thread sums of the weights' gradient, added up once all blocks are done.
+struct ThreadSums {
+  std::vector<std::vector<float>> sums;
+  explicit ThreadSums(int64_t size)
+      : sums(at::get_num_threads(), std::vector<float>(size, 0.0f)) {}
+  float* mine() { return sums[at::get_thread_num()].data(); }
+  void total(float* into) const {
+    std::fill(into, into + sums[0].size(), 0.0f);
+    for (const auto& part : sums) {
+      for (size_t k = 0; k < part.size(); ++k) into[k] += part[k];
     }
-    for (int k = 0; k < 4; ++k) {
-      const int64_t j = k * hidden + u;
-      row[k] = z.row(j) + at;
-      sum[k] = load(row[k], count) + bias[j];
-      if (features != nullptr) {
-        sum[k] += w_features[j] * x0 + w_features[gate_count + j] * x1;
-      }
-    }
-    float* zi = row[0];
-    float* zf = row[1];
-    float* zg = row[2];
-    float* zo = row[3];
-    const Vec pi = 1.0f + exp2_approx(sum[0] * -kLog2e);
-    const Vec pf = 1.0f + exp2_approx(sum[1] * -kLog2e);
-    const Vec eg = exp2_approx(sum[2] * (-2.0f * kLog2e));
-    const Vec po = 1.0f + exp2_approx(sum[3] * -kLog2e);
-    const Vec pg = 1.0f + eg;
-    const Vec r_if = 1.0f / (pi * pf);
-    const Vec r_go = 1.0f / (pg * po);
-    const Vec i = pf * r_if, f = pi * r_if;
-    const Vec g = (1.0f - eg) * po * r_go, o = pg * r_go;
-    const Vec cell = f * load(c.row(u) + at, count) + i * g;
-    store(zi, i, count);
-    store(zf, f, count);
-    store(zg, g, count);
-    store(zo, o, count);
-    store(c_new.row(u) + at, cell, count);
-    store(h_new.row(u) + at, o * tanh_approx(cell), count);
-  });
-}
-
-// Where the gradient of a layer's new h comes from: rows from the layer above
-// or the head's outer product head[u] * grad_out[j], plus rows from later steps.
-struct HiddenGrad {
-  const float* above = nullptr;  // (H, n) rows, `stride` apart
-  int64_t stride = 0;
-  const float* head = nullptr;   // (H,) with grad_out (n,), for the top layer
-  const float* grad_out = nullptr;
-  const float* later = nullptr;  // (H, n) rows, `later_stride` apart, or null
-  int64_t later_stride = 0;
-
-  Vec at(int64_t u, int64_t j, int64_t count) const {
-    Vec grad = head != nullptr ? head[u] * load(grad_out + j, count)
-                               : load(above + u * stride + j, count);
-    if (later != nullptr) grad += load(later + u * later_stride + j, count);
-    return grad;
   }
 };
 
-// Gradients of the gate sums and of the old cell from those of h' and c'
-// (dc may be null: no gradient reached the new cell from later steps).
-void cell_backward(const at::Tensor& act, const Rows& c, const Rows& c_new,
-                   const HiddenGrad& dh, const float* dc, int64_t dc_stride,
-                   const at::Tensor& dgates, const Rows& dc_old, int64_t hidden,
-                   int64_t n) {
-  const Rows a = rows_of(act);
-  const Rows dz = rows_of(dgates);
-  for_each_vector(hidden, n, [&](int64_t u, int64_t at, int64_t count) {
-    const Vec i = load(a.row(u) + at, count);
-    const Vec f = load(a.row(hidden + u) + at, count);
-    const Vec g = load(a.row(2 * hidden + u) + at, count);
-    const Vec o = load(a.row(3 * hidden + u) + at, count);
-    const Vec tc = tanh_approx(load(c_new.row(u) + at, count));
-    const Vec grad_h = dh.at(u, at, count);
-    Vec grad_c = grad_h * o * (1.0f - tc * tc);
-    if (dc != nullptr) grad_c += load(dc + u * dc_stride + at, count);
-    store(dz.row(u) + at, grad_c * g * i * (1.0f - i), count);
-    store(dz.row(hidden + u) + at,
-          grad_c * load(c.row(u) + at, count) * f * (1.0f - f), count);
-    store(dz.row(2 * hidden + u) + at, grad_c * i * (1.0f - g * g), count);
-    store(dz.row(3 * hidden + u) + at, grad_h * tc * o * (1.0f - o), count);
-    store(dc_old.row(u) + at, grad_c * f, count);
-  });
+// The cell forward on `count` coordinates: gate products `z` (i, f, g, o rows
+// of each unit) plus the bias and, for the first layer, its two input features
+// times `w_features` (2, 4H), summed here as a matrix product with an inner size
+// of 2 runs far below the machine's speed. Writes the activated gates, c' = f c
+// + i g and h' = o tanh(c'). The sigmoids and the tanh share reciprocals in
+// pairs: with p = 1 + exp(-z), 1 / (p_i p_f) gives both i and f; each p is at
+// most 1 + 2^36, so a product of two stays finite.
+void cell_forward(const Rows& z, const float* bias, const float* features,
+                  int64_t feature_stride, const float* w_features, const Rows& c,
+                  const Rows& act, const Rows& c_new, const Rows& h_new,
+                  int64_t hidden, int64_t count) {
+  for (int64_t u = 0; u < hidden; ++u) {
+    for_vectors(count, [&](int64_t at, int64_t width) {
+      Vec sum[4];
+      Vec x0{}, x1{};
+      if (features != nullptr) {
+        x0 = load(features + at, width);
+        x1 = load(features + feature_stride + at, width);
+      }
+      for (int k = 0; k < 4; ++k) {
+        const int64_t j = k * hidden + u;
+        sum[k] = load(z.row(j) + at, width) + bias[j];
+        if (features != nullptr) {
+          sum[k] += w_features[j] * x0 + w_features[4 * hidden + j] * x1;
+        }
+      }
+      const Vec pi = 1.0f + exp2_approx(sum[0] * -kLog2e);
+      const Vec pf = 1.0f + exp2_approx(sum[1] * -kLog2e);
+      const Vec eg = exp2_approx(sum[2] * (-2.0f * kLog2e));
+      const Vec po = 1.0f + exp2_approx(sum[3] * -kLog2e);
+      const Vec pg = 1.0f + eg;
+      const Vec r_if = reciprocal(pi * pf);
+      const Vec r_go = reciprocal(pg * po);
+      const Vec i = pf * r_if, f = pi * r_if;
+      const Vec g = (1.0f - eg) * po * r_go, o = pg * r_go;
+      const Vec cell = f * load(c.row(u) + at, width) + i * g;
+      store(act.row(u) + at, i, width);
+      store(act.row(hidden + u) + at, f, width);
+      store(act.row(2 * hidden + u) + at, g, width);
+      store(act.row(3 * hidden + u) + at, o, width);
+      store(c_new.row(u) + at, cell, width);
+      store(h_new.row(u) + at, o * tanh_approx(cell), width);
+    });
+  }
+}
+
+// The cell backward on `count` coordinates: from the gradient of h' (`dh`, plus
+// `dh_later` from later steps where given) and of c' (`dc`, or none), the
+// gradients of the gate sums `dz` and of the old cell; adds each gate's sum of
+// dz, the bias gradient, into `grad_bias`.
+void cell_backward(const Rows& act, const Rows& c, const Rows& c_new, const Rows& dh,
+                   const float* dh_later, int64_t later_stride, const float* dc,
+                   int64_t dc_stride, const Rows& dz, const Rows& dc_old,
+                   float* grad_bias, int64_t hidden, int64_t count) {
+  for (int64_t u = 0; u < hidden; ++u) {
+    Vec bias_sum[4] = {};
+    for_vectors(count, [&](int64_t at, int64_t width) {
+      const Vec i = load(act.row(u) + at, width);
+      const Vec f = load(act.row(hidden + u) + at, width);
+      const Vec g = load(act.row(2 * hidden + u) + at, width);
+      const Vec o = load(act.row(3 * hidden + u) + at, width);
+      const Vec tc = tanh_approx(load(c_new.row(u) + at, width));
+      Vec grad_h = load(dh.row(u) + at, width);
+      if (dh_later != nullptr) grad_h += load(dh_later + u * later_stride + at, width);
+      Vec grad_c = grad_h * o * (1.0f - tc * tc);
+      if (dc != nullptr) grad_c += load(dc + u * dc_stride + at, width);
+      const Vec gates[4] = {
+          grad_c * g * i * (1.0f - i),
+          grad_c * load(c.row(u) + at, width) * f * (1.0f - f),
+          grad_c * i * (1.0f - g * g),
+          grad_h * tc * o * (1.0f - o),
+      };
+      for (int k = 0; k < 4; ++k) {
+        store(dz.row(k * hidden + u) + at, gates[k], width);
+        bias_sum[k] += gates[k];  // lanes past `width` are zero
+      }
+      store(dc_old.row(u) + at, grad_c * f, width);
+    });
+    for (int k = 0; k < 4; ++k) grad_bias[k * hidden + u] += sum_lanes(bias_sum[k]);
+  }
+}
+
+struct Sizes {
+  int64_t depth, hidden, n;
+  int64_t inputs(int64_t l) const { return l == 0 ? 2 : hidden; }
+  int64_t fan_in(int64_t l) const { return inputs(l) + hidden; }
+};
+
+Sizes check_inputs(const at::Tensor& features, const std::vector<at::Tensor>& h,
+                   const std::vector<at::Tensor>& c,
+                   const std::vector<at::Tensor>& weights,
+                   const at::Tensor& head) {
+  const Sizes s{static_cast<int64_t>(h.size()), head.numel(), features.size(1)};
+  TORCH_CHECK(s.depth > 0 && c.size() == h.size() && weights.size() == h.size(),
+              "h, c and weights need one entry per layer");
+  check_rows(features, 2, s.n, "features");
+  TORCH_CHECK(head.is_contiguous(), "head must be contiguous");
+  for (int64_t l = 0; l < s.depth; ++l) {
+    check_rows(h[l], s.hidden, s.n, "h");
+    check_rows(c[l], s.hidden, s.n, "c");
+    TORCH_CHECK(weights[l].is_contiguous() && weights[l].dim() == 2 &&
+                    weights[l].size(0) == s.fan_in(l) &&
+                    weights[l].size(1) == 4 * s.hidden,
+                "weights of layer ", l, " must be contiguous (", s.fan_in(l), ", ",
+                4 * s.hidden, ")");
+  }
+  return s;
 }
 
 }  // namespace
@@ -220,55 +375,57 @@ std::vector<at::Tensor> lstm_train_forward(const at::Tensor& features,
                                            const std::vector<at::Tensor>& biases,
                                            const at::Tensor& head,
                                            const at::Tensor& head_bias, double scale) {
-  const int64_t depth = static_cast<int64_t>(h.size());
-  TORCH_CHECK(depth > 0 && c.size() == h.size() && weights.size() == h.size() &&
-                  biases.size() == h.size(),
-              "h, c, weights and biases need one entry per layer");
-  const int64_t hidden = head.numel();
-  const int64_t n = features.size(1);
-  check_rows(features, 2, n, "features");
-  TORCH_CHECK(features.stride(0) == n, "features must be contiguous");
-
-  std::vector<at::Tensor> h_new, c_new, acts;
-  at::Tensor x = features;
+  const Sizes s = check_inputs(features, h, c, weights, head);
+  const int64_t depth = s.depth, hidden = s.hidden, gates = 4 * hidden;
+  TORCH_CHECK(biases.size() == h.size(), "biases need one entry per layer");
+  std::vector<const float*> bias(depth), w_features(depth);
   for (int64_t l = 0; l < depth; ++l) {
-    check_rows(h[l], hidden, n, "h");
-    check_rows(c[l], hidden, n, "c");
-    const int64_t inputs = x.size(0);
-    TORCH_CHECK(weights[l].size(0) == inputs + hidden &&
-                    weights[l].size(1) == 4 * hidden,
-                "weights of layer ", l, " must be (", inputs + hidden, ", ",
-                4 * hidden, ")");
-
-    // Gate products W_x^T x + W_h^T h into one buffer; the bias is added in
-    // the pass that follows.
-    TORCH_CHECK(biases[l].is_contiguous() && biases[l].numel() == 4 * hidden,
-                "biases of layer ", l, " must be contiguous (", 4 * hidden, ",)");
-    const at::Tensor w_t = weights[l].t();
-    at::Tensor gates = at::mm(w_t.narrow(1, inputs, hidden), h[l]);
-    at::Tensor w_features;
-    if (l == 0) {
-      w_features = weights[l].narrow(0, 0, inputs).contiguous();
-    } else {
-      gates.addmm_(w_t.narrow(1, 0, inputs), x);
-    }
-
-    at::Tensor hn = at::empty({hidden, n}, features.options());
-    at::Tensor cn = at::empty({hidden, n}, features.options());
-    cell_forward(gates, biases[l].data_ptr<float>(),
-                 l == 0 ? x.data_ptr<float>() : nullptr,
-                 l == 0 ? w_features.data_ptr<float>() : nullptr, rows_of(c[l]),
-                 rows_of(cn), rows_of(hn), hidden, n);
-    h_new.push_back(hn);
-    c_new.push_back(cn);
-    acts.push_back(gates);
-    x = hn;
+    TORCH_CHECK(biases[l].is_contiguous() && biases[l].numel() == gates,
+                "biases of layer ", l, " must be contiguous (", gates, ",)");
+    bias[l] = biases[l].data_ptr<float>();
   }
 
-  // The linear head on the last layer's h, times the output scale.
-  at::Tensor updates = at::addmm(head_bias.unsqueeze(1), head.unsqueeze(0), x)
-                           .squeeze(0)
-                           .mul_(scale);
+  const auto options = features.options();
+  std::vector<at::Tensor> h_new, c_new, acts;
+  for (int64_t l = 0; l < depth; ++l) {
+    h_new.push_back(at::empty({hidden, s.n}, options));
+    c_new.push_back(at::empty({hidden, s.n}, options));
+    acts.push_back(at::empty({gates, s.n}, options));
+  }
+  at::Tensor updates = at::empty({s.n}, options);
+  const float* w_out = head.data_ptr<float>();
+  const float b_out = head_bias.item<float>();
+  const float out_scale = static_cast<float>(scale);
+
+  for_each_block(s.n, gates * kBlock, [&](int64_t first, int64_t count, float* z) {
+    const Rows sums{z, kBlock};
+    for (int64_t l = 0; l < depth; ++l) {
+      // Gate products W_h^T h (+ W_x^T x above the first layer) for the block.
+      const float* w = weights[l].data_ptr<float>();
+      const Rows old_h = rows_of(h[l]).at(first);
+      const int64_t inputs = s.inputs(l);
+      gemm(true, false, gates, count, hidden, w + inputs * gates, gates, old_h.data,
+           old_h.stride, 0.0f, z, kBlock);
+      if (l > 0) {
+        const Rows x = rows_of(h_new[l - 1]).at(first);
+        gemm(true, false, gates, count, inputs, w, gates, x.data, x.stride, 1.0f, z,
+             kBlock);
+      }
+      cell_forward(sums, bias[l], l == 0 ? features.data_ptr<float>() + first : nullptr,
+                   features.stride(0), w, rows_of(c[l]).at(first),
+                   rows_of(acts[l]).at(first), rows_of(c_new[l]).at(first),
+                   rows_of(h_new[l]).at(first), hidden, count);
+    }
+
+    // The linear head on the last layer's h, times the output scale.
+    const Rows top = rows_of(h_new[depth - 1]).at(first);
+    float* out = updates.data_ptr<float>() + first;
+    for_vectors(count, [&](int64_t at, int64_t width) {
+      Vec sum = splat(b_out);
+      for (int64_t u = 0; u < hidden; ++u) sum += w_out[u] * load(top.row(u) + at, width);
+      store(out + at, sum * out_scale, width);
+    });
+  });
 
   std::vector<at::Tensor> out{updates};
   out.insert(out.end(), h_new.begin(), h_new.end());
@@ -280,9 +437,10 @@ std::vector<at::Tensor> lstm_train_forward(const at::Tensor& features,
 // Backward of lstm_train_forward. Takes its inputs and outputs again, and the
 // gradients of the updates (n,) and of each new h and c (empty where none
 // reached them). Writes the gradient of the weights into grad_weights,
-// grad_biases, grad_head and grad_head_bias (views of one flat gradient, written
-// over, not added to). Returns the gradient of the features ((2, n), undefined
-// unless want_features), then of each old h, then of each old c.
+// grad_biases, grad_head and grad_head_bias (contiguous views of one flat
+// gradient, written over, not added to). Returns the gradient of the features
+// ((2, n), undefined unless want_features), then of each old h, then of each
+// old c.
 std::vector<at::Tensor> lstm_train_backward(
     const at::Tensor& features, const std::vector<at::Tensor>& h,
     const std::vector<at::Tensor>& c, const std::vector<at::Tensor>& h_new,
@@ -293,73 +451,119 @@ std::vector<at::Tensor> lstm_train_backward(
     const std::vector<at::Tensor>& grad_weights,
     const std::vector<at::Tensor>& grad_biases, const at::Tensor& grad_head,
     const at::Tensor& grad_head_bias, bool want_features) {
-  const int64_t depth = static_cast<int64_t>(h.size());
-  const int64_t hidden = head.numel();
-  const int64_t n = features.size(1);
-  const at::Tensor top = h_new[depth - 1];
-
-  // The head's weights. Its share of the last h's gradient, head[u] * grad_out,
-  // is formed inside that layer's pass.
-  const at::Tensor grad_out = (grad_updates.reshape({1, n}) * scale).contiguous();
-  at::Tensor into = grad_head.view({hidden, 1});
-  at::mm_out(into, top, grad_out.t());
-  into = grad_head_bias;
-  at::sum_out(into, grad_out, {1});
-  const at::Tensor head_weights = head.contiguous();
-  HiddenGrad grad_h;
-  grad_h.head = head_weights.data_ptr<float>();
-  grad_h.grad_out = grad_out.data_ptr<float>();
-
-  std::vector<at::Tensor> grad_h_old(depth), grad_c_old(depth);
-  at::Tensor grad_features, grad_in;
-  for (int64_t l = depth - 1; l >= 0; --l) {
-    const at::Tensor x = l == 0 ? features : h_new[l - 1];
-    const int64_t inputs = x.size(0);
-    check_rows(acts[l], 4 * hidden, n, "acts");
-    check_rows(c_new[l], hidden, n, "c_new");
-    if (present(grad_h_new[l])) {
-      check_rows(grad_h_new[l], hidden, n, "grad_h");
-      grad_h.later = grad_h_new[l].data_ptr<float>();
-      grad_h.later_stride = grad_h_new[l].stride(0);
-    } else {
-      grad_h.later = nullptr;
-    }
-    const at::Tensor& dc = grad_c_new[l];
-    const bool has_dc = present(dc);
-    if (has_dc) check_rows(dc, hidden, n, "grad_c");
-
-    // Gate gradients, and the old cell's, in one pass.
-    at::Tensor dgates = at::empty({4 * hidden, n}, features.options());
-    at::Tensor dc_old = at::empty({hidden, n}, features.options());
-    cell_backward(acts[l], rows_of(c[l]), rows_of(c_new[l]), grad_h,
-                  has_dc ? dc.data_ptr<float>() : nullptr, has_dc ? dc.stride(0) : 0,
-                  dgates, rows_of(dc_old), hidden, n);
-    grad_c_old[l] = dc_old;
-
-    // Weights: dW = [x; h] dz^T, input rows first; bias: the sum of dz.
-    into = grad_weights[l].narrow(0, 0, inputs);
-    at::mm_out(into, x, dgates.t());
-    into = grad_weights[l].narrow(0, inputs, hidden);
-    at::mm_out(into, h[l], dgates.t());
-    into = grad_biases[l];
-    at::sum_out(into, dgates, {1});
-
-    // Inputs: [dx; dh_old] = W dz. dx is the gradient of the layer below's h.
-    // The first layer's inputs are the features, wanted only in second-order
-    // unrolls.
-    const bool inputs_wanted = l > 0 || want_features;
-    grad_in = at::mm(inputs_wanted ? weights[l] : weights[l].narrow(0, inputs, hidden),
-                     dgates);
-    const int64_t skip = inputs_wanted ? inputs : 0;
-    grad_h_old[l] = grad_in.narrow(0, skip, hidden);
-    if (l > 0) {
-      grad_h = HiddenGrad();
-      grad_h.above = grad_in.data_ptr<float>();
-      grad_h.stride = grad_in.stride(0);
-    } else if (want_features) {
-      grad_features = grad_in.narrow(0, 0, inputs);
-    }
+  const Sizes s = check_inputs(features, h, c, weights, head);
+  const int64_t depth = s.depth, hidden = s.hidden, gates = 4 * hidden;
+  TORCH_CHECK(grad_updates.is_contiguous() && grad_updates.numel() == s.n,
+              "grad_updates must be contiguous (", s.n, ",)");
+  for (int64_t l = 0; l < depth; ++l) {
+    check_rows(h_new[l], hidden, s.n, "h_new");
+    check_rows(c_new[l], hidden, s.n, "c_new");
+    check_rows(acts[l], gates, s.n, "acts");
+    if (present(grad_h_new[l])) check_rows(grad_h_new[l], hidden, s.n, "grad_h");
+    if (present(grad_c_new[l])) check_rows(grad_c_new[l], hidden, s.n, "grad_c");
   }
+
+  const auto options = features.options();
+  std::vector<at::Tensor> grad_h_old, grad_c_old;
+  for (int64_t l = 0; l < depth; ++l) {
+    grad_h_old.push_back(at::empty({hidden, s.n}, options));
+    grad_c_old.push_back(at::empty({hidden, s.n}, options));
+  }
+  at::Tensor grad_features;
+  if (want_features) grad_features = at::empty({2, s.n}, options);
+
+  // Each thread's sums: every layer's weights and biases, then the head's.
+  std::vector<int64_t> offsets{0};
+  for (int64_t l = 0; l < depth; ++l) offsets.push_back(offsets.back() + s.fan_in(l) * gates + gates);
+  const int64_t head_offset = offsets.back();
+  ThreadSums sums(head_offset + hidden + 1);
+  const float* w_out = head.data_ptr<float>();
+  const float* d_updates = grad_updates.data_ptr<float>();
+  const float out_scale = static_cast<float>(scale);
+
+  // Scratch per block: dz (4H rows), dh (H rows) and the layer's input gradient.
+  const int64_t scratch = (gates + 2 * hidden + std::max<int64_t>(hidden, 2)) * kBlock;
+  for_each_block(s.n, scratch, [&](int64_t first, int64_t count, float* buffer) {
+    const Rows dz{buffer, kBlock};
+    Rows dh{buffer + gates * kBlock, kBlock};
+    Rows dx{buffer + (gates + hidden) * kBlock, kBlock};
+    float* own = sums.mine();
+
+    // The head: its weights' gradient, and the top layer's h gradient from it.
+    const Rows top = rows_of(h_new[depth - 1]).at(first);
+    float* head_grad = own + head_offset;
+    const float* grad_out = d_updates + first;
+    Vec bias_sum{};
+    for_vectors(count, [&](int64_t at, int64_t width) {
+      bias_sum += load(grad_out + at, width);
+    });
+    head_grad[hidden] += sum_lanes(bias_sum) * out_scale;
+    for (int64_t u = 0; u < hidden; ++u) {
+      Vec sum{};
+      for_vectors(count, [&](int64_t at, int64_t width) {
+        const Vec g = load(grad_out + at, width) * out_scale;
+        sum += load(top.row(u) + at, width) * g;
+        store(dh.row(u) + at, w_out[u] * g, width);
+      });
+      head_grad[u] += sum_lanes(sum);
+    }
+
+    for (int64_t l = depth - 1; l >= 0; --l) {
+      const int64_t inputs = s.inputs(l);
+      const float* w = weights[l].data_ptr<float>();
+      float* grad_w = own + offsets[l];
+      const at::Tensor& later = grad_h_new[l];
+      const at::Tensor& dc = grad_c_new[l];
+      const Rows old_h = rows_of(h[l]).at(first);
+
+      cell_backward(rows_of(acts[l]).at(first), rows_of(c[l]).at(first),
+                    rows_of(c_new[l]).at(first), dh,
+                    present(later) ? later.data_ptr<float>() + first : nullptr,
+                    present(later) ? later.stride(0) : 0,
+                    present(dc) ? dc.data_ptr<float>() + first : nullptr,
+                    present(dc) ? dc.stride(0) : 0, dz,
+                    rows_of(grad_c_old[l]).at(first), grad_w + s.fan_in(l) * gates,
+                    hidden, count);
+
+      // Weights: dW += [x; h] dz^T over the block, input rows first.
+      const Rows x = l == 0 ? Rows{features.data_ptr<float>() + first,
+                                   features.stride(0)}
+                            : rows_of(h_new[l - 1]).at(first);
+      outer_sum(x, inputs, dz, gates, count, grad_w, gates);
+      outer_sum(old_h, hidden, dz, gates, count, grad_w + inputs * gates, gates);
+
+      // Inputs: dh_old = W_h dz, and dx = W_x dz, the gradient of the layer
+      // below's h (or of the features, wanted only in second-order unrolls).
+      const Rows into_h = rows_of(grad_h_old[l]).at(first);
+      gemm(false, false, hidden, count, gates, w + inputs * gates, gates, dz.data,
+           kBlock, 0.0f, into_h.data, into_h.stride);
+      if (l > 0) {
+        gemm(false, false, inputs, count, gates, w, gates, dz.data, kBlock, 0.0f,
+             dx.data, kBlock);
+        std::swap(dh.data, dx.data);  // dx is the next layer's dh
+      } else if (want_features) {
+        const Rows into_x = rows_of(grad_features).at(first);
+        gemm(false, false, inputs, count, gates, w, gates, dz.data, kBlock, 0.0f,
+             into_x.data, into_x.stride);
+      }
+    }
+  });
+
+  // The threads' sums into the flat gradient's views.
+  std::vector<float> total(head_offset + hidden + 1);
+  sums.total(total.data());
+  for (int64_t l = 0; l < depth; ++l) {
+    const int64_t size = s.fan_in(l) * gates;
+    TORCH_CHECK(grad_weights[l].is_contiguous() && grad_biases[l].is_contiguous(),
+                "gradient views must be contiguous");
+    std::memcpy(grad_weights[l].data_ptr<float>(), total.data() + offsets[l],
+                sizeof(float) * size);
+    std::memcpy(grad_biases[l].data_ptr<float>(), total.data() + offsets[l] + size,
+                sizeof(float) * gates);
+  }
+  std::memcpy(grad_head.data_ptr<float>(), total.data() + head_offset,
+              sizeof(float) * hidden);
+  grad_head_bias.fill_(total[head_offset + hidden]);
 
   std::vector<at::Tensor> out{grad_features};
   out.insert(out.end(), grad_h_old.begin(), grad_h_old.end());
