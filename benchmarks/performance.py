@@ -7,15 +7,16 @@ learning rate) measured in the same process, interleaved with the library:
 
 1. MNIST meta-training: seconds per meta-epoch (100 optimisee steps of the default
    20-unit sigmoid MLP, 15,910 parameters, truncation 20, one network), and for a
-   meta-batch of 8 networks (whether batching tasks pays; no compiled run).
+   meta-batch of 8 networks (whether batching tasks pays). The compiled rule is,
+   on the CPU, the fused C++ training step.
 2. Quadratic meta-training: task-steps per second at meta-batch 128.
 3. The learned optimiser's step on models of about 16 thousand, 1 million and 10
    million parameters, eager and compiled (on the CPU the fused C++ kernel),
    against torch.optim.Adam.step and one forward and backward of the model; and
    the rule's matmul FLOP/s against torch.mm at its shapes.
 4. Peak memory of meta-training against truncation and optimisee steps, and with
-   rule checkpointing or chunked segments (``meta.checkpoint_steps``), each point
-   a fresh process (``epoch_cost.py``).
+   rule checkpointing or chunked segments (``meta.checkpoint_steps``), for the
+   eager and the fused rule, each point a fresh process (``epoch_cost.py``).
 5. Evaluation: time to tune all four baselines on the grid and run them.
 
     python benchmarks/performance.py [--quick] [--out benchmarks/results/performance]
@@ -276,6 +277,7 @@ def memory(quick: bool) -> dict:
         return {
             "horizon": horizon,
             "truncation": truncation,
+            "rule": "fused" if "levels.0.rule.compile=true" in extra else "eager",
             "checkpoint": checkpoint,
             **row,
         }
@@ -288,7 +290,8 @@ def memory(quick: bool) -> dict:
         "by_truncation": [point(longest, t, []) for t in truncations],
         "by_horizon": [point(h, trunc, []) for h in horizons],
         "checkpoint": [
-            point(horizon, trunc, extra, repeats)
+            point(horizon, trunc, [*rule, *extra], repeats)
+            for rule in ([], ["levels.0.rule.compile=true"])
             for extra in (
                 [],
                 ["levels.0.rule.checkpoint=true"],
@@ -412,14 +415,14 @@ def markdown(results: dict) -> str:
     m = results["memory"]
     lines += [
         "",
-        "| horizon | truncation | checkpointing | peak growth, MiB | s/epoch |",
-        "|---:|---:|---|---:|---:|",
+        "| horizon | truncation | rule | checkpointing | peak growth, MiB | s/epoch |",
+        "|---:|---:|---|---|---:|---:|",
     ]
     for group in ("by_truncation", "by_horizon", "checkpoint"):
         for row in m[group]:
             lines.append(
                 f"| {row['horizon']} | {row['truncation']} | "
-                f"{row['checkpoint']} | "
+                f"{row.get('rule', 'eager')} | {row['checkpoint']} | "
                 f"{row['peak_mib']:.0f} | {row['seconds']:.2f} |"
             )
     return "\n".join(lines) + "\n"
@@ -440,14 +443,10 @@ def main() -> None:
         "two_level_mnist", [*short, "meta.meta_batch=1"], repeats, threads
     )
     print("mnist", results["mnist"]["seconds"], flush=True)
-    # Whether batching tasks pays on MNIST; no compiled run, to keep the time.
+    # Whether batching tasks pays on MNIST.
     networks = 2 if quick else 8
     results["mnist_batch"] = meta_training(
-        "two_level_mnist",
-        [*short, f"meta.meta_batch={networks}"],
-        repeats,
-        threads,
-        compiled_run=False,
+        "two_level_mnist", [*short, f"meta.meta_batch={networks}"], repeats, threads
     )
     print("mnist, batch", results["mnist_batch"]["seconds"], flush=True)
     batch = 8 if quick else 128

@@ -81,8 +81,10 @@ class UpdateRule(nn.Module, ABC):
         self.sizes = {name: math.prod(shape) for name, shape in self.shapes.items()}
         self.theta = nn.Parameter(torch.empty(sum(self.sizes.values())))
         self.compile = False
-        """Run ``update`` through torch.compile, and a rule's ``step_`` through a
-        fused kernel where it has one; eager again where either cannot compile."""
+        """Run the rule through its fused kernels where it has them (the LSTM's
+        training and inference steps on the CPU), else ``update`` through
+        torch.compile; eager again where either cannot be built. Updates and
+        gradients agree with the eager rule's to float rounding."""
         self.checkpoint = False
         """Recompute the rule's activations in backward instead of keeping them."""
         self._compiled: Callable | None = None

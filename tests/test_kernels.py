@@ -8,6 +8,7 @@ that reason and the fallback tests still run.
 import copy
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,22 +320,47 @@ def test_fused_training_step_is_differentiable_once_only(kernel) -> None:
         meta_grad.sum().backward()
 
 
-@pytest.mark.parametrize("option", ["rule", "segments"])
-def test_compiled_rule_trains_like_the_plain_one(kernel, tiny_config, option) -> None:
-    """Meta-training with the fused step (``levels.0.rule.compile``), with the
-    rule's activations or whole segments recomputed in backward, takes the
-    plain rule's steps to float rounding."""
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+THREE_LEVELS = [
+    "levels.0.horizon=3",
+    "levels.0.meta_batch=2",
+    "levels.1.horizon=4",
+    "meta.truncation=2",
+    "meta.meta_batch=2",
+]
+
+
+@pytest.mark.parametrize(
+    ("option", "overrides"),
+    [
+        ("plain", []),
+        ("rule", ["levels.0.rule.checkpoint=true"]),
+        ("segments", ["meta.checkpoint_steps=2"]),
+        ("higher", ["levels.0.mode=higher"]),
+        ("three levels", THREE_LEVELS),
+    ],
+)
+def test_compiled_rule_trains_like_the_plain_one(
+    kernel, tiny_config, tmp_path, option, overrides
+) -> None:
+    """Meta-training with the fused step (``compile`` on the top rule) takes the
+    plain rule's steps to float rounding: alone, with the rule's activations or
+    whole segments recomputed in backward, in a second-order unroll, and as the
+    LSTM on top of three levels (the MLP below runs per-problem weights)."""
+    from hierarchy.config import load_config
     from hierarchy.experiment import build
     from hierarchy.trainer import MetaTrainer
 
-    extra = (
-        ["levels.0.rule.checkpoint=true"]
-        if option == "rule"
-        else ["meta.checkpoint_steps=2"]
-    )
+    top_rule = "levels.1.rule" if option == "three levels" else "levels.0.rule"
     thetas = []
-    for overrides in ([], ["levels.0.rule.compile=true", *extra]):
-        config = tiny_config(*overrides)
+    for compiled in ([], [f"{top_rule}.compile=true"]):
+        if option == "three levels":
+            config = load_config(
+                CONFIGS / "three_level_quadratic.yaml",
+                [*overrides, *compiled, f"run_dir={tmp_path}", "wandb.mode=disabled"],
+            )
+        else:
+            config = tiny_config(*overrides, *compiled)
         top, _ = build(config)
         trainer = MetaTrainer.from_config(top, config)
         for _ in range(3):

@@ -1,11 +1,13 @@
 """Fused CPU kernels, compiled on first use with torch's C++ extension loader.
 
-The LSTM optimiser's inference step runs as one C++ kernel (``lstm_step.cpp``)
-when a rule has ``compile`` set: each tile of coordinates goes through both
-layers and the head in cache, where eager torch makes a dozen passes over memory.
-Building needs a C++ compiler and ninja; the first build takes about 30 s and is
-cached by torch (``TORCH_EXTENSIONS_DIR``). Where it cannot be built the rule
-runs its eager step, with one warning.
+Two C++ kernels serve an LSTM rule that has ``compile`` set. Its inference step
+(``lstm_step.cpp``) takes each tile of coordinates through both layers and the
+head in cache, where eager torch makes a dozen passes over memory. Its training
+step (``lstm_train.cpp``, wrapped in ``LSTMTrainStep``) does the same for blocks
+of coordinates in forward and in a hand-written backward. Building needs a C++
+compiler and ninja; the first build takes about 30 s and is cached by torch
+(``TORCH_EXTENSIONS_DIR``). Where it cannot be built the rule runs its eager
+inference step and torch.compile of ``update``, with one warning.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def lstm_step_kernel() -> ModuleType | None:
         )
     except Exception as error:  # no compiler, no ninja, a failed build
         logger.warning(
-            "the fused LSTM step could not be built (%s: %s); running the eager "
-            "step. Building it takes a C++ compiler and ninja (pip install ninja)",
+            "the fused LSTM kernels could not be built (%s: %s); running the "
+            "eager step. Building them takes a C++ compiler and ninja (pip "
+            "install ninja)",
             type(error).__name__,
             _cause(str(error)),
         )
