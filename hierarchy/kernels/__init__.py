@@ -13,6 +13,7 @@ inference step and torch.compile of ``update``, with one warning.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -25,9 +26,12 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(f"lstm_{part}.cpp") for part in ("step", "train")]
+HEADERS = [Path(__file__).with_name("vec.h")]
 
 # Instruction sets by torch's reading of this CPU. The name carries the choice,
-# so that machines sharing a home folder do not load each other's builds.
+# so that machines sharing a home folder do not load each other's builds, and a
+# digest of the sources and headers, as torch looks at the sources only when it
+# decides whether a cached build is current.
 _FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -41,9 +45,10 @@ def lstm_step_kernel() -> ModuleType | None:
 
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _FLAGS.get(capability, [])
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS))
     try:
         return cpp_extension.load(
-            name=f"hierarchy_lstm_step_{capability.lower()}",
+            name=f"hierarchy_lstm_{capability.lower()}_{digest.hexdigest()[:10]}",
             sources=[str(source) for source in SOURCES],
             extra_cflags=["-O3", "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],

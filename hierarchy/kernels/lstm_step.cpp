@@ -15,17 +15,16 @@
 #include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-// GCC and Clang vector types: 16 floats, one 512-bit register (two 256-bit ones
-// without AVX-512). A tile is kVectors of them.
-typedef float Vec __attribute__((vector_size(64)));
-typedef int32_t IVec __attribute__((vector_size(64)));
-constexpr int64_t kWidth = 16;
+using namespace hierarchy_kernels;
+
+
+// A tile is kVectors vectors of kWidth floats (vec.h).
 constexpr int64_t kVectors = 4;
 constexpr int64_t kTile = kWidth * kVectors;
-
-inline Vec splat(float value) { return Vec{} + value; }
 
 inline Vec load(const float* from) {
   Vec v;
@@ -34,30 +33,6 @@ inline Vec load(const float* from) {
 }
 
 inline void store(float* to, Vec v) { std::memcpy(to, &v, sizeof(Vec)); }
-
-// 2^z for z clamped to [-36, 36]: z = n + r with n an integer and |r| <= 1/2,
-// 2^r = e^(r ln2) by its Taylor series to degree 6 (relative error about 1e-7,
-// the float rounding), 2^n written into the float's exponent. The clamp moves a
-// sigmoid by at most 1.5e-11 and keeps products of three factors 1 + 2^z finite.
-// Plain arithmetic on vector types, so it compiles for any x86 or ARM target.
-inline Vec exp2_approx(Vec z) {
-  z = z < -36.0f ? splat(-36.0f) : z;
-  z = z > 36.0f ? splat(36.0f) : z;
-
-  // Adding 1.5 * 2^23 rounds to an integer n and leaves n in the low bits of the
-  // sum, so the sum's bits shifted by 23 are n in the exponent field.
-  const Vec shifted = z + 12582912.0f;
-  const Vec r = z - (shifted - 12582912.0f);
-  Vec p = splat(0.00015403530393381606f);
-  p = p * r + 0.0013333558146428441f;
-  p = p * r + 0.009618129107628477f;
-  p = p * r + 0.055504108664821576f;
-  p = p * r + 0.2402265069591007f;
-  p = p * r + 0.6931471805599453f;
-  p = p * r + 1.0f;
-  const IVec bits = (reinterpret_cast<const IVec&>(shifted) << 23) + (127 << 23);
-  return p * reinterpret_cast<const Vec&>(bits);
-}
 
 // One LSTM cell update; returns h and overwrites c. The gate sums come in base 2
 // and negated: i, f, o times -log2(e) and g times -2 log2(e) (the weights were

@@ -19,6 +19,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #endif
@@ -37,13 +39,10 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace {
 
-typedef float Vec __attribute__((vector_size(64)));
-typedef int32_t IVec __attribute__((vector_size(64)));
-constexpr int64_t kWidth = 16;
+using namespace hierarchy_kernels;
+
 constexpr int64_t kBlock = 1024;  // coordinates per block: about 0.7 MB in use
 constexpr float kLog2e = 1.4426950408889634f;
-
-inline Vec splat(float value) { return Vec{} + value; }
 
 // The first `count` floats at `from`, zeros after them: the last, short vector of
 // a block is read and written through these, so no row needs padding.
@@ -84,24 +83,6 @@ __attribute__((always_inline)) inline void for_vectors(int64_t count,
   int64_t at = 0;
   for (; at + kWidth <= count; at += kWidth) body(at, kWidth);
   if (at < count) body(at, count - at);
-}
-
-// 2^z, as in lstm_step.cpp: z clamped to [-36, 36], a degree-6 polynomial for the
-// fraction and the integer part written into the exponent.
-inline Vec exp2_approx(Vec z) {
-  z = z < -36.0f ? splat(-36.0f) : z;
-  z = z > 36.0f ? splat(36.0f) : z;
-  const Vec shifted = z + 12582912.0f;
-  const Vec r = z - (shifted - 12582912.0f);
-  Vec p = splat(0.00015403530393381606f);
-  p = p * r + 0.0013333558146428441f;
-  p = p * r + 0.009618129107628477f;
-  p = p * r + 0.055504108664821576f;
-  p = p * r + 0.2402265069591007f;
-  p = p * r + 0.6931471805599453f;
-  p = p * r + 1.0f;
-  const IVec bits = (reinterpret_cast<const IVec&>(shifted) << 23) + (127 << 23);
-  return p * reinterpret_cast<const Vec&>(bits);
 }
 
 // 1 / x to float rounding. With AVX-512, a 14-bit estimate and one Newton step
