@@ -312,6 +312,7 @@ class LSTMRule(NetworkRule):
         usable = (
             grad.device.type == "cpu"
             and theta.dim() == 1
+            and theta.is_contiguous()
             and grad.numel() > 0
             and all(t.dtype == torch.float32 for t in (theta, grad, *state))
         )
@@ -325,7 +326,10 @@ class LSTMRule(NetworkRule):
         rows = []
         for s in state:
             units = s.permute(2, 0, 1).reshape(hidden, count)
-            rows.append(units if units.stride(-1) == 1 else units.contiguous())
+            rows_apart = hidden == 1 or units.stride(0) >= count  # not broadcast
+            if not (rows_apart and (count == 1 or units.stride(1) == 1)):
+                units = units.clone(memory_format=torch.contiguous_format)
+            rows.append(units)
         updates, *new = LSTMTrainStep.apply(
             kernel, self.unflatten, self.out_scale, theta, features, *rows
         )

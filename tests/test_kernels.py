@@ -241,7 +241,7 @@ def _unroll_gradients(rule: LSTMRule, grads: list, state: tuple, fused: bool):
 
 @pytest.mark.parametrize(
     ("batch", "hidden", "layers", "coordinates"),
-    [(1, 20, 2, 1000), (3, 7, 1, 16), (2, 5, 3, 13), (1, 1, 2, 5)],
+    [(1, 20, 2, 1000), (3, 7, 1, 16), (2, 5, 3, 13), (1, 1, 2, 5), (1, 4, 2, 1)],
 )
 def test_fused_training_step_matches_update(
     kernel, batch, hidden, layers, coordinates
@@ -289,6 +289,31 @@ def test_fused_training_step_state_layout(kernel) -> None:
     torch.testing.assert_close(update, expected)
 
 
+@pytest.mark.parametrize("coordinates", [1, 37])
+def test_fused_training_step_takes_any_state_layout(kernel, coordinates) -> None:
+    """Broadcast, transposed and single-coordinate states, and the broadcast
+    gradient of a plain sum, give the plain rule's values and gradients."""
+    torch.manual_seed(1)
+    rule = LSTMRule(hidden_size=5)
+    grad = torch.randn(1, coordinates)
+    layouts = {
+        "broadcast units": lambda: torch.randn(1, coordinates, 1).expand(-1, -1, 5),
+        "broadcast coordinates": lambda: torch.randn(1, 1, 5).expand(
+            -1, coordinates, -1
+        ),
+        "transposed": lambda: torch.randn(1, 5, coordinates).mT,
+    }
+    for name, make in layouts.items():
+        state = tuple(make().requires_grad_(True) for _ in range(4))
+        results = []
+        for step in (rule.update, rule._fused_update):
+            update, new = step(rule.theta, grad, state)
+            loss = update.sum() + sum(s.sum() for s in new)
+            results.append((update, *torch.autograd.grad(loss, (rule.theta, *state))))
+        for ours, theirs in zip(results[1], results[0]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_fused_training_step_applies_only_where_it_can(kernel) -> None:
     """float64, weights per problem, or no coordinates: the caller's fallback."""
     rule = LSTMRule(hidden_size=4)
@@ -303,6 +328,8 @@ def test_fused_training_step_applies_only_where_it_can(kernel) -> None:
         )
         is None
     )
+    strided = torch.stack([rule.theta.detach()] * 2, dim=1)[:, 0]
+    assert rule._fused_update(strided, grad, state) is None
     empty = torch.zeros(2, 0)
     assert rule._fused_update(rule.theta, empty, rule.init_state(empty)) is None
 

@@ -156,6 +156,7 @@ class LSTMTrainStep(torch.autograd.Function):
         h_new, c_new, acts = saved[:depth], saved[depth : 2 * depth], saved[2 * depth :]
         if grad_updates is None:
             grad_updates = features.new_zeros(features.shape[1])
+        grad_updates = grad_updates.contiguous()  # a sum's gradient is broadcast
         none = features.new_empty(0)
         grads = [none if g is None else g.contiguous() for g in grads]
 

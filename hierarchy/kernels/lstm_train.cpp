@@ -109,16 +109,24 @@ struct Rows {
   Rows at(int64_t column) const { return {data + column, stride}; }
 };
 
-Rows rows_of(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0)}; }
+// A single row's stride is never read, but BLAS asks that it be at least the row's
+// length, and torch may give a tensor of one row any stride.
+Rows rows_of(const at::Tensor& t) {
+  const int64_t stride = t.size(0) == 1 ? std::max(t.stride(0), t.size(1)) : t.stride(0);
+  return {t.data_ptr<float>(), stride};
+}
 
 // A gradient that reached an output; an empty tensor stands for none.
 bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
 
+// Rows must be contiguous and apart: neither overlapping nor broadcast (a row
+// stride below the row's length), as BLAS reads them with that stride.
 void check_rows(const at::Tensor& t, int64_t rows, int64_t n, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 &&
-                  t.size(0) == rows && t.size(1) == n && t.stride(1) == 1,
+                  t.size(0) == rows && t.size(1) == n &&
+                  (n == 1 || t.stride(1) == 1) && (rows == 1 || t.stride(0) >= n),
               what, " must be a float32 CPU (", rows, ", ", n,
-              ") tensor with contiguous rows");
+              ") tensor with contiguous rows, one after another");
 }
 
 // Row-major C (m, n) = op(A) (m, k) op(B) (k, n) + beta C, op transposing where
