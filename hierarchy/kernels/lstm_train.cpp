@@ -180,7 +180,7 @@ void outer_sum_block(const Rows& a, const Rows& b, int64_t count, float* out,
 // out (m, n) += a (m, count) b^T (count, n), rows of a and b as given.
 void outer_sum(const Rows& a, int64_t m, const Rows& b, int64_t n, int64_t count,
                float* out, int64_t ldo) {
-  constexpr int R = 4, C = 5;
+  constexpr int R = 5, C = 5;
   int64_t r = 0;
   for (; r + R <= m; r += R) {
     int64_t j = 0;
