@@ -4,6 +4,9 @@
 #include <cstdint>
 
 namespace hierarchy_kernels {
+// Internal to each file that includes this, so that every call is inlined: a
+// function of a shared library's own namespace is called through its PLT.
+namespace {
 
 // GCC and Clang vector types: 16 floats, one 512-bit register (two 256-bit ones
 // without AVX-512).
@@ -11,14 +14,14 @@ typedef float Vec __attribute__((vector_size(64)));
 typedef int32_t IVec __attribute__((vector_size(64)));
 constexpr int64_t kWidth = 16;
 
-inline Vec splat(float value) { return Vec{} + value; }
+__attribute__((always_inline)) inline Vec splat(float value) { return Vec{} + value; }
 
 // 2^z for z clamped to [-36, 36]: z = n + r with n an integer and |r| <= 1/2,
 // 2^r = e^(r ln2) by its Taylor series to degree 6 (relative error about 1e-7,
 // the float rounding), 2^n written into the float's exponent. The clamp moves a
 // sigmoid by at most 1.5e-11 and keeps products of three factors 1 + 2^z finite.
 // Plain arithmetic on vector types, so it compiles for any x86 or ARM target.
-inline Vec exp2_approx(Vec z) {
+__attribute__((always_inline)) inline Vec exp2_approx(Vec z) {
   z = z < -36.0f ? splat(-36.0f) : z;
   z = z > 36.0f ? splat(36.0f) : z;
 
@@ -37,4 +40,5 @@ inline Vec exp2_approx(Vec z) {
   return p * reinterpret_cast<const Vec&>(bits);
 }
 
+}  // namespace
 }  // namespace hierarchy_kernels
