@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from hierarchy.kernels import LSTMTrainStep, kernel_weights, lstm_step_kernel
+from hierarchy.kernels import LSTMTrainStep, kernel_weights, lstm_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class LSTMRule(NetworkRule):
             and grad.numel() > 0
             and all(t.dtype == torch.float32 for t in (theta, grad, *state))
         )
-        kernel = lstm_step_kernel() if usable else None
+        kernel = lstm_kernels() if usable else None
         if kernel is None:
             return None
 
@@ -417,7 +417,7 @@ class LSTMRule(NetworkRule):
                 r.stride(-1) == 1 and r.stride(-2) == rows[0].stride(-2) for r in rows
             )
         )
-        kernel = lstm_step_kernel() if usable else None
+        kernel = lstm_kernels() if usable else None
         if kernel is None:
             return None
 

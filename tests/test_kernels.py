@@ -21,7 +21,7 @@ from hierarchy.rules import LSTMRule
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = kernels.lstm_step_kernel()
+    module = kernels.lstm_kernels()
     if module is None:
         pytest.skip("the fused LSTM step cannot be built here (no compiler or ninja)")
     return module
@@ -152,7 +152,7 @@ def test_a_failed_build_warns_once_and_steps_eagerly(monkeypatch, caplog) -> Non
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", broken)
-    kernels.lstm_step_kernel.cache_clear()
+    kernels.lstm_kernels.cache_clear()
     try:
         rule = LSTMRule(hidden_size=4)
         fused = LSTMRule(hidden_size=4)
@@ -166,7 +166,7 @@ def test_a_failed_build_warns_once_and_steps_eagerly(monkeypatch, caplog) -> Non
                 update = fused.step_(fused.theta, grad, states[1])
                 torch.testing.assert_close(update, expected)
     finally:
-        kernels.lstm_step_kernel.cache_clear()
+        kernels.lstm_kernels.cache_clear()
     warnings = [r for r in caplog.records if "could not be built" in r.getMessage()]
     assert len(warnings) == 1
     assert "Ninja is required" in warnings[0].getMessage()

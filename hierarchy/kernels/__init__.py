@@ -39,8 +39,9 @@ _FLAGS = {
 
 
 @functools.cache
-def lstm_step_kernel() -> ModuleType | None:
-    """The compiled LSTM step module, or None (logged once) if it cannot build."""
+def lstm_kernels() -> ModuleType | None:
+    """The compiled module of both LSTM kernels, or None (logged once) if it
+    cannot be built."""
     from torch.utils import cpp_extension
 
     capability = torch.backends.cpu.get_cpu_capability()
@@ -134,12 +135,8 @@ class LSTMTrainStep(torch.autograd.Function):
         ctx.save_for_backward(
             theta, features, *state, *h_new, *c_new, *out[1 + 2 * depth :]
         )
-        ctx.kernel, ctx.unflatten, ctx.scale, ctx.depth = (
-            kernel,
-            unflatten,
-            scale,
-            depth,
-        )
+        ctx.kernel, ctx.unflatten = kernel, unflatten
+        ctx.scale, ctx.depth = scale, depth
         ctx.set_materialize_grads(False)
         return (updates, *_interleave(h_new, c_new))
 
