@@ -322,7 +322,10 @@ class LSTMRule(NetworkRule):
 
         batch, coordinates = grad.shape
         count, hidden = batch * coordinates, self.hidden_size
-        features = preprocess(grad, self.preprocess_p, dim=0).reshape(2, count)
+        if grad.requires_grad and torch.is_grad_enabled():  # a second-order unroll
+            features = preprocess(grad, self.preprocess_p, dim=0).reshape(2, count)
+        else:  # preprocessed inside the kernel
+            features = grad.reshape(1, count).contiguous()
         rows = []
         for s in state:
             units = s.permute(2, 0, 1).reshape(hidden, count)
@@ -331,7 +334,13 @@ class LSTMRule(NetworkRule):
                 units = units.clone(memory_format=torch.contiguous_format)
             rows.append(units)
         updates, *new = LSTMTrainStep.apply(
-            kernel, self.unflatten, self.out_scale, theta, features, *rows
+            kernel,
+            self.unflatten,
+            self.out_scale,
+            self.preprocess_p,
+            theta,
+            features,
+            *rows,
         )
         new_state = tuple(
             t.view(hidden, batch, coordinates).permute(1, 2, 0) for t in new

@@ -314,6 +314,28 @@ def test_fused_training_step_takes_any_state_layout(kernel, coordinates) -> None
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_fused_training_step_preprocesses_like_torch(kernel) -> None:
+    """A gradient without a graph is preprocessed inside the kernel: zeros, values
+    either side of the threshold e^-p, denormals, the largest floats, infinities
+    and NaN give the plain rule's updates, state and meta-gradient."""
+    torch.manual_seed(2)
+    rule = LSTMRule(hidden_size=6)
+    edge = math.exp(-10.0)
+    special = [0.0, -0.0, 1e-30, edge, -edge, edge * (1 - 1e-7), edge * (1 + 1e-7)]
+    special += [1e-40, 3e38, -3e38, math.inf, -math.inf, math.nan, 1.0, -0.5, 7e4]
+    spread = torch.randn(2000) * torch.logspace(-12, 4, 2000)
+    grad = torch.cat([torch.tensor(special), spread]).unsqueeze(0)
+    results = []
+    for step in (rule.update, rule._fused_update):
+        update, state = step(rule.theta, grad, rule.init_state(grad))
+        finite = torch.isfinite(update)
+        loss = update[finite].sum() + sum(s[finite].sum() for s in state)
+        (meta_grad,) = torch.autograd.grad(loss, rule.theta)
+        results.append((update, *state, meta_grad))
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 def test_fused_training_step_applies_only_where_it_can(kernel) -> None:
     """float64, weights per problem, or no coordinates: the caller's fallback."""
     rule = LSTMRule(hidden_size=4)

@@ -98,11 +98,13 @@ def kernel_weights(
 class LSTMTrainStep(torch.autograd.Function):
     """One step of the LSTM rule by ``lstm_train_forward``, differentiable once.
 
-    Takes the flat weights ``theta`` (P,), the preprocessed gradient ``features``
-    (2, n) and the state as (H, n) rows (h, c of each layer in turn); returns the
-    updates (n,) and the new state in the same order and layout. ``unflatten``
-    splits theta into the rule's named weights. Backward is hand-written in
-    ``lstm_train_backward`` and cannot itself be differentiated again.
+    Takes the flat weights ``theta`` (P,), the gradient as ``features`` (the
+    preprocessed (2, n), or the raw (1, n), which the kernel preprocesses with
+    ``preprocess_p``: no gradient reaches it then) and the state as (H, n) rows
+    (h, c of each layer in turn); returns the updates (n,) and the new state in
+    the same order and layout. ``unflatten`` splits theta into the rule's named
+    weights. Backward is hand-written in ``lstm_train_backward`` and cannot itself
+    be differentiated again.
     """
 
     @staticmethod
@@ -111,6 +113,7 @@ class LSTMTrainStep(torch.autograd.Function):
         kernel: ModuleType,
         unflatten: Callable[[Tensor], dict[str, Tensor]],
         scale: float,
+        preprocess_p: float,
         theta: Tensor,
         features: Tensor,
         *state: Tensor,
@@ -126,6 +129,7 @@ class LSTMTrainStep(torch.autograd.Function):
             weights["w_out"].reshape(-1),
             weights["b_out"],
             scale,
+            preprocess_p,
         )
         updates, h_new, c_new = (
             out[0],
@@ -136,7 +140,7 @@ class LSTMTrainStep(torch.autograd.Function):
             theta, features, *state, *h_new, *c_new, *out[1 + 2 * depth :]
         )
         ctx.kernel, ctx.unflatten = kernel, unflatten
-        ctx.scale, ctx.depth = scale, depth
+        ctx.scale, ctx.preprocess_p, ctx.depth = scale, preprocess_p, depth
         ctx.set_materialize_grads(False)
         return (updates, *_interleave(h_new, c_new))
 
@@ -177,10 +181,12 @@ class LSTMTrainStep(torch.autograd.Function):
             [views[f"b{layer}"] for layer in range(depth)],
             views["w_out"].reshape(-1),
             views["b_out"],
-            ctx.needs_input_grad[4],
+            ctx.needs_input_grad[5],
+            ctx.preprocess_p,
         )
         grad_features, grad_h, grad_c = out[0], out[1 : 1 + depth], out[1 + depth :]
         return (
+            None,
             None,
             None,
             None,

@@ -203,7 +203,7 @@ std::vector<torch::Tensor> lstm_train_forward(
     const torch::Tensor& features, const std::vector<torch::Tensor>& h,
     const std::vector<torch::Tensor>& c, const std::vector<torch::Tensor>& weights,
     const std::vector<torch::Tensor>& biases, const torch::Tensor& head,
-    const torch::Tensor& head_bias, double scale);
+    const torch::Tensor& head_bias, double scale, double preprocess_p);
 std::vector<torch::Tensor> lstm_train_backward(
     const torch::Tensor& features, const std::vector<torch::Tensor>& h,
     const std::vector<torch::Tensor>& c, const std::vector<torch::Tensor>& h_new,
@@ -214,7 +214,7 @@ std::vector<torch::Tensor> lstm_train_backward(
     const std::vector<torch::Tensor>& grad_c_new,
     const std::vector<torch::Tensor>& grad_weights,
     const std::vector<torch::Tensor>& grad_biases, const torch::Tensor& grad_head,
-    const torch::Tensor& grad_head_bias, bool want_features);
+    const torch::Tensor& grad_head_bias, bool want_features, double preprocess_p);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("lstm_step", &lstm_step, "Fused LSTM optimiser step, in place");

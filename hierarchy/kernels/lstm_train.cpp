@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -115,6 +116,49 @@ __attribute__((always_inline)) inline Vec tanh_approx(Vec z) {
   return (1.0f - e) * reciprocal(1.0f + e);
 }
 
+// log x for finite x >= 2^-126, to about an ulp: x = m 2^e with m in
+// [sqrt(1/2), sqrt(2)), and log m = 2 atanh(s) with s = (m - 1) / (m + 1), |s| <
+// 0.172, by its series to s^11 (the next term is below 1e-10).
+__attribute__((always_inline)) inline Vec log_approx(Vec x) {
+  const IVec bits = reinterpret_cast<const IVec&>(x);
+  IVec exponent = ((bits >> 23) & 0xff) - 127;
+  const IVec mantissa_bits = (bits & 0x7fffff) | 0x3f800000;
+  Vec m = reinterpret_cast<const Vec&>(mantissa_bits);  // in [1, 2)
+  const IVec high = m > 1.4142135623730951f;
+  m = high ? m * 0.5f : m;
+  exponent = high ? exponent + 1 : exponent;
+  const Vec s = (m - 1.0f) * reciprocal(m + 1.0f);
+  const Vec s2 = s * s;
+  Vec series = s2 * (1.0f / 11.0f) + 1.0f / 9.0f;
+  series = series * s2 + 1.0f / 7.0f;
+  series = series * s2 + 1.0f / 5.0f;
+  series = series * s2 + 1.0f / 3.0f;
+  series = series * s2 + 1.0f;
+  const Vec e = __builtin_convertvector(exponent, Vec);
+  // ln 2 in two parts, the first exact in a float times any exponent here.
+  return e * 0.693145751953125f + (e * 1.428606765330187e-06f + 2.0f * s * series);
+}
+
+// The gradient preprocessing of rules.preprocess for `count` coordinates of g:
+// (log|g| / p, sign g) where |g| >= e^-p, else (-1, e^p g), into two rows.
+void preprocess_block(const float* g, int64_t count, float p, float* first,
+                      float* second) {
+  const float threshold = static_cast<float>(std::exp(-static_cast<double>(p)));
+  const float scale = static_cast<float>(std::exp(static_cast<double>(p)));
+  const Vec infinity = splat(__builtin_inff());
+  for_vectors(count, [&](int64_t at, int64_t width) {
+    const Vec v = load(g + at, width);
+    const Vec magnitude = v < 0.0f ? -v : v;
+    const IVec large = magnitude >= threshold;  // false for NaN, as in torch
+    const Vec clamped = large ? magnitude : splat(threshold);
+    Vec log = log_approx(clamped);
+    log = clamped == infinity ? infinity : log;
+    const Vec sign = v > 0.0f ? splat(1.0f) : (v < 0.0f ? splat(-1.0f) : Vec{});
+    store(first + at, large ? log / p : splat(-1.0f), width);
+    store(second + at, large ? sign : v * scale, width);
+  });
+}
+
 // A row-major float matrix: row r starts `stride` floats after row r - 1.
 struct Rows {
   float* data;
@@ -129,6 +173,21 @@ Rows rows_of(const at::Tensor& t) {
   const int64_t stride = t.size(0) == 1 ? std::max(t.stride(0), t.size(1)) : t.stride(0);
   return {t.data_ptr<float>(), stride};
 }
+
+// The first layer's two inputs: rows of preprocessed features (2, n), or raw
+// gradients (1, n) preprocessed here, a block at a time, into scratch rows.
+struct FirstInputs {
+  const float* data;
+  int64_t stride;
+  bool raw;
+  float p;
+
+  Rows block(int64_t first, int64_t count, float* scratch) const {
+    if (!raw) return Rows{const_cast<float*>(data) + first, stride};
+    preprocess_block(data + first, count, p, scratch, scratch + kBlock);
+    return Rows{scratch, kBlock};
+  }
+};
 
 // A gradient that reached an output; an empty tensor stands for none.
 bool present(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
@@ -357,6 +416,12 @@ struct Sizes {
   int64_t fan_in(int64_t l) const { return inputs(l) + hidden; }
 };
 
+// The first layer's inputs of `features`, preprocessed with `p` if raw.
+FirstInputs first_inputs(const at::Tensor& features, double p) {
+  const Rows rows = rows_of(features);
+  return {rows.data, rows.stride, features.size(0) == 1, static_cast<float>(p)};
+}
+
 Sizes check_inputs(const at::Tensor& features, const std::vector<at::Tensor>& h,
                    const std::vector<at::Tensor>& c,
                    const std::vector<at::Tensor>& weights,
@@ -364,7 +429,9 @@ Sizes check_inputs(const at::Tensor& features, const std::vector<at::Tensor>& h,
   const Sizes s{static_cast<int64_t>(h.size()), head.numel(), features.size(1)};
   TORCH_CHECK(s.depth > 0 && c.size() == h.size() && weights.size() == h.size(),
               "h, c and weights need one entry per layer");
-  check_rows(features, 2, s.n, "features");
+  TORCH_CHECK(features.dim() == 2 && (features.size(0) == 1 || features.size(0) == 2),
+              "features must be (2, n) preprocessed or (1, n) raw gradients");
+  check_rows(features, features.size(0), s.n, "features");
   TORCH_CHECK(head.is_contiguous(), "head must be contiguous");
   for (int64_t l = 0; l < s.depth; ++l) {
     check_rows(h[l], s.hidden, s.n, "h");
@@ -381,7 +448,8 @@ Sizes check_inputs(const at::Tensor& features, const std::vector<at::Tensor>& h,
 }  // namespace
 
 // Forward of one step for one batch of n coordinates.
-// features: (2, n); h[l], c[l]: (H, n) with contiguous rows; weights[l]: the
+// features: the preprocessed gradient (2, n), or the raw gradient (1, n), which
+// is preprocessed here with preprocess_p, block by block; h[l], c[l]: (H, n) with contiguous rows; weights[l]: the
 // layer's (K_l, 4H) block of theta, K_l = 2 + H for the first layer and 2H after,
 // input rows first; biases[l]: (4H,); head: (H,) and head_bias (1,).
 // Returns the updates (n,), then each layer's new h, then each new c, then each
@@ -392,8 +460,10 @@ std::vector<at::Tensor> lstm_train_forward(const at::Tensor& features,
                                            const std::vector<at::Tensor>& weights,
                                            const std::vector<at::Tensor>& biases,
                                            const at::Tensor& head,
-                                           const at::Tensor& head_bias, double scale) {
+                                           const at::Tensor& head_bias, double scale,
+                                           double preprocess_p) {
   const Sizes s = check_inputs(features, h, c, weights, head);
+  const FirstInputs inputs0 = first_inputs(features, preprocess_p);
   const int64_t depth = s.depth, hidden = s.hidden, gates = 4 * hidden;
   TORCH_CHECK(biases.size() == h.size(), "biases need one entry per layer");
   std::vector<const float*> bias(depth), w_features(depth);
@@ -418,8 +488,10 @@ std::vector<at::Tensor> lstm_train_forward(const at::Tensor& features,
   const float b_out = head_bias.item<float>();
   const float out_scale = static_cast<float>(scale);
 
-  for_each_block(s.n, gates * kBlock, [&](int64_t first, int64_t count, float* z) {
+  for_each_block(s.n, (gates + 2) * kBlock, [&](int64_t first, int64_t count,
+                                                float* z) {
     const Rows sums{z, kBlock};
+    const Rows x0 = inputs0.block(first, count, z + gates * kBlock);
     for (int64_t l = 0; l < depth; ++l) {
       // Gate products W_h^T h (+ W_x^T x above the first layer) for the block.
       const float* w = weights[l].data_ptr<float>();
@@ -432,8 +504,8 @@ std::vector<at::Tensor> lstm_train_forward(const at::Tensor& features,
         gemm(true, false, gates, count, inputs, w, gates, x.data, x.stride, 1.0f, z,
              kBlock);
       }
-      cell_forward(sums, bias[l], l == 0 ? features.data_ptr<float>() + first : nullptr,
-                   features.stride(0), w, rows_of(c[l]).at(first),
+      cell_forward(sums, bias[l], l == 0 ? x0.data : nullptr, x0.stride, w,
+                   rows_of(c[l]).at(first),
                    rows_of(acts[l]).at(first), rows_of(c_new[l]).at(first),
                    rows_of(h_new[l]).at(first), hidden, count);
     }
@@ -471,8 +543,11 @@ std::vector<at::Tensor> lstm_train_backward(
     const std::vector<at::Tensor>& grad_c_new,
     const std::vector<at::Tensor>& grad_weights,
     const std::vector<at::Tensor>& grad_biases, const at::Tensor& grad_head,
-    const at::Tensor& grad_head_bias, bool want_features) {
+    const at::Tensor& grad_head_bias, bool want_features, double preprocess_p) {
   const Sizes s = check_inputs(features, h, c, weights, head);
+  const FirstInputs inputs0 = first_inputs(features, preprocess_p);
+  TORCH_CHECK(!(inputs0.raw && want_features),
+              "the gradient of raw features is not computed");
   const int64_t depth = s.depth, hidden = s.hidden, gates = 4 * hidden;
   TORCH_CHECK(grad_updates.is_contiguous() && grad_updates.numel() == s.n,
               "grad_updates must be contiguous (", s.n, ",)");
@@ -503,11 +578,14 @@ std::vector<at::Tensor> lstm_train_backward(
   const float out_scale = static_cast<float>(scale);
 
   // Scratch per block: dz (4H rows), dh (H rows) and the layer's input gradient.
-  const int64_t scratch = (gates + 2 * hidden + std::max<int64_t>(hidden, 2)) * kBlock;
+  const int64_t scratch =
+      (gates + 2 * hidden + std::max<int64_t>(hidden, 2) + 2) * kBlock;
   for_each_block(s.n, scratch, [&](int64_t first, int64_t count, float* buffer) {
     const Rows dz{buffer, kBlock};
     Rows dh{buffer + gates * kBlock, kBlock};
     Rows dx{buffer + (gates + hidden) * kBlock, kBlock};
+    float* features_scratch =
+        buffer + (gates + 2 * hidden + std::max<int64_t>(hidden, 2)) * kBlock;
     float* own = sums.mine();
 
     // The head: its weights' gradient, and the top layer's h gradient from it.
@@ -547,8 +625,7 @@ std::vector<at::Tensor> lstm_train_backward(
                     hidden, count);
 
       // Weights: dW += [x; h] dz^T over the block, input rows first.
-      const Rows x = l == 0 ? Rows{features.data_ptr<float>() + first,
-                                   features.stride(0)}
+      const Rows x = l == 0 ? inputs0.block(first, count, features_scratch)
                             : rows_of(h_new[l - 1]).at(first);
       outer_sum(x, inputs, dz, gates, count, grad_w, gates);
       outer_sum(old_h, hidden, dz, gates, count, grad_w + inputs * gates, gates);
