@@ -13,6 +13,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from einops import rearrange
@@ -309,14 +310,7 @@ class LSTMRule(NetworkRule):
         so that each unit's values over all coordinates of all problems are one
         row; a state in another layout is copied into this one first.
         """
-        usable = (
-            grad.device.type == "cpu"
-            and theta.dim() == 1
-            and theta.is_contiguous()
-            and grad.numel() > 0
-            and all(t.dtype == torch.float32 for t in (theta, grad, *state))
-        )
-        kernel = lstm_kernels() if usable else None
+        kernel = _kernels_for(theta, grad, state) if grad.numel() > 0 else None
         if kernel is None:
             return None
 
@@ -418,15 +412,10 @@ class LSTMRule(NetworkRule):
         float32 on the CPU, weights per problem, a state not in the layout of
         ``inference_state``, or no compiler to build the kernel."""
         rows = [s.mT for s in state]  # (B, H, D) views, each unit's row contiguous
-        usable = (
-            grad.device.type == "cpu"
-            and theta.dim() == 1
-            and all(t.dtype == torch.float32 for t in (theta, grad, *state))
-            and all(
-                r.stride(-1) == 1 and r.stride(-2) == rows[0].stride(-2) for r in rows
-            )
+        laid_out = all(
+            r.stride(-1) == 1 and r.stride(-2) == rows[0].stride(-2) for r in rows
         )
-        kernel = lstm_kernels() if usable else None
+        kernel = _kernels_for(theta, grad, state) if laid_out else None
         if kernel is None:
             return None
 
@@ -469,6 +458,18 @@ class LSTMRule(NetworkRule):
             if not s.is_inference():
                 torch.autograd.graph.increment_version(s)
         return updates
+
+
+def _kernels_for(theta: Tensor, grad: Tensor, state: State) -> ModuleType | None:
+    """The fused LSTM kernels where they apply (float32 on the CPU, one contiguous
+    set of weights, and a compiler to build them), else None."""
+    usable = (
+        grad.device.type == "cpu"
+        and theta.dim() == 1
+        and theta.is_contiguous()
+        and all(t.dtype == torch.float32 for t in (theta, grad, *state))
+    )
+    return lstm_kernels() if usable else None
 
 
 class MLPRule(NetworkRule):

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "vec.h"
@@ -250,39 +251,32 @@ void outer_sum_block(const Rows& a, const Rows& b, int64_t count, float* out,
   }
 }
 
-// out (m, n) += a (m, count) b^T (count, n), rows of a and b as given.
-void outer_sum(const Rows& a, int64_t m, const Rows& b, int64_t n, int64_t count,
-               float* out, int64_t ldo) {
-  constexpr int R = 5, C = 5;
-  int64_t r = 0;
+// Rows r, r + R, ... of `a` (up to m) against every row of `b`, in R x C blocks
+// and R x 1 for the rows of `b` left over; returns the first row not done.
+template <int R, int C>
+int64_t outer_sum_rows(const Rows& a, int64_t r, int64_t m, const Rows& b, int64_t n,
+                       int64_t count, float* out, int64_t ldo) {
   for (; r + R <= m; r += R) {
     int64_t j = 0;
     for (; j + C <= n; j += C) {
-      outer_sum_block<R, C>(Rows{a.row(r), a.stride}, Rows{b.row(j), b.stride},
-                            count, out + r * ldo + j, ldo);
+      outer_sum_block<R, C>(Rows{a.row(r), a.stride},
+                            Rows{b.row(j), b.stride}, count, out + r * ldo + j, ldo);
     }
     for (; j < n; ++j) {
       outer_sum_block<R, 1>(Rows{a.row(r), a.stride}, Rows{b.row(j), b.stride},
                             count, out + r * ldo + j, ldo);
     }
   }
-  for (; r + 2 <= m; r += 2) {  // the first layer's two features
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      outer_sum_block<2, 8>(Rows{a.row(r), a.stride}, Rows{b.row(j), b.stride},
-                            count, out + r * ldo + j, ldo);
-    }
-    for (; j < n; ++j) {
-      outer_sum_block<2, 1>(Rows{a.row(r), a.stride}, Rows{b.row(j), b.stride},
-                            count, out + r * ldo + j, ldo);
-    }
-  }
-  for (; r < m; ++r) {
-    for (int64_t j = 0; j < n; ++j) {
-      outer_sum_block<1, 1>(Rows{a.row(r), a.stride}, Rows{b.row(j), b.stride},
-                            count, out + r * ldo + j, ldo);
-    }
-  }
+  return r;
+}
+
+// out (m, n) += a (m, count) b^T (count, n), rows of a and b as given: 5 x 5
+// blocks, then 2 x 8 for the first layer's two features, then single rows.
+void outer_sum(const Rows& a, int64_t m, const Rows& b, int64_t n, int64_t count,
+               float* out, int64_t ldo) {
+  int64_t r = outer_sum_rows<5, 5>(a, 0, m, b, n, count, out, ldo);
+  r = outer_sum_rows<2, 8>(a, r, m, b, n, count, out, ldo);
+  outer_sum_rows<1, 8>(a, r, m, b, n, count, out, ldo);
 }
 
 // Runs block(first, count) over blocks of kBlock coordinates, split between
@@ -301,10 +295,11 @@ void for_each_block(int64_t n, int64_t scratch, const Body& block) {
     const unsigned int control = _mm_getcsr();
     _mm_setcsr(control | 0x8040);  // flush-to-zero and denormals-are-zero
 #endif
-    std::vector<float> buffer(scratch);
+    // Uninitialised: every scratch value is written before it is read.
+    const std::unique_ptr<float[]> buffer(new float[scratch]);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * kBlock;
-      block(first, std::min(kBlock, n - first), buffer.data());
+      block(first, std::min(kBlock, n - first), buffer.get());
     }
 #if defined(__x86_64__) || defined(__i386__)
     _mm_sfence();  // the streamed stores are seen by every thread from here on
