@@ -78,6 +78,14 @@ def setup(device: torch.device) -> torch.device:
         )
     device = _local_device(device, int(os.environ["LOCAL_RANK"]))
     backend = backend_for(device)
+
+    # torch.distributed.nn binds the default group into its functions' defaults
+    # when it is first imported, and torch.optim imports it through dynamo. Once
+    # a group exists, that import would keep it alive past destroy_process_group:
+    # gloo's threads then outlive the interpreter and abort the process at exit.
+    # Imported now, before the group, the defaults hold None.
+    import torch.distributed.nn  # noqa: F401
+
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group(backend, device_id=device)

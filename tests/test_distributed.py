@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,12 @@ def test_two_processes_match_one_with_the_whole_meta_batch(tiny_overrides, tmp_p
     assert {Path(p).name for p in ranks[0]["written"]} == {"best.pt", "checkpoint.pt"}
     assert ranks[1]["written"] == []
 
+    # Leaving the group stops its threads: one left running can abort the
+    # process at exit, when it releases a tensor after Python has finalised.
+    for rank in ranks:
+        before, after = rank["native_threads"]
+        assert after == before
+
 
 def test_example_runs_unchanged_under_torchrun(tmp_path: Path) -> None:
     """``torchrun --nproc_per_node=2 examples/two_level_quadratic.py`` meta-trains,
@@ -228,6 +235,7 @@ def _worker(out: Path, overrides: list[str]) -> None:
     from hierarchy.experiment import build
     from hierarchy.trainer import MetaTrainer
 
+    native_before = _native_threads()
     written = []
     save_atomic = trainer_module.save_atomic
 
@@ -285,8 +293,14 @@ def _worker(out: Path, overrides: list[str]) -> None:
         "written": rank_written,
         "first_batch": unrolled[0],
     }
-    torch.save(record, out / f"rank{context.rank}.pt")
     distributed.shutdown()
+    record["native_threads"] = (native_before, _native_threads())
+    torch.save(record, out / f"rank{context.rank}.pt")
+
+
+def _native_threads() -> int:
+    """Threads of this process that Python did not start: gloo's, among others."""
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
 
 
 if __name__ == "__main__":
