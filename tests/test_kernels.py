@@ -8,6 +8,9 @@ that reason and the fallback tests still run.
 import copy
 import logging
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -416,3 +419,23 @@ def test_compiled_rule_trains_like_the_plain_one(
             trainer.train_epoch()
         thetas.append(top.rule.theta.detach().clone())
     torch.testing.assert_close(thetas[1], thetas[0], rtol=1e-5, atol=1e-6)
+
+
+def test_loading_the_kernels_does_not_warn_of_a_missing_cuda_runtime(tmp_path):
+    """torch warns, on importing its extension loader, when a CUDA folder exists
+    but no GPU does; the kernels are for the CPU, so their import keeps quiet."""
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+
+    def stderr_of(code: str) -> str:
+        command = [sys.executable, "-c", f"import logging; {code}"]
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    plain = stderr_of("import torch.utils.cpp_extension")
+    assert "No CUDA runtime" in plain  # the setting makes torch warn
+    ours = stderr_of(
+        "logging.basicConfig(); from hierarchy.kernels import _cpp_extension; "
+        "_cpp_extension()"
+    )
+    assert "No CUDA runtime" not in ours

@@ -42,8 +42,7 @@ _FLAGS = {
 def lstm_kernels() -> ModuleType | None:
     """The compiled module of both LSTM kernels, or None (logged once) if it
     cannot be built."""
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _FLAGS.get(capability, [])
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS))
@@ -63,6 +62,20 @@ def lstm_kernels() -> ModuleType | None:
             _cause(str(error)),
         )
         return None
+
+
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported without its warning that no CUDA
+    runtime is found (on a CPU machine with a CUDA folder): these kernels are
+    built for the CPU alone, and the warning only puzzles their users."""
+    torch_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        torch_logger.setLevel(level)
+    return cpp_extension
 
 
 def _cause(message: str) -> str:
