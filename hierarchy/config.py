@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import BooleanNode, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 TASKS = ("quadratic", "mnist")
@@ -198,6 +198,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                     f"keys at its top level, not a list or a value"
                 )
             _drop_retired(loaded, path)
+            _check_booleans(config, loaded, "")
             config = OmegaConf.merge(config, loaded)
         for override in overrides:
             _apply(config, override)
@@ -258,10 +259,53 @@ def _apply(config: DictConfig, override: str) -> None:
             f"config key {key!r} does not exist; see the config's "
             f"defaults in hierarchy/config.py for the accepted keys"
         )
+    _check_booleans(config, _nested(key, value), "")
     try:
         OmegaConf.update(config, key, value, merge=True)
     except OmegaConfBaseException as error:
         raise ConfigError(f"config key {key!r}: {_first_line(error)}") from None
+
+
+def _nested(key: str, value: object) -> DictConfig:
+    """``{a: {b: value}}`` for the key ``a.b``: an override as a file would hold it."""
+    for part in reversed(key.split(".")):
+        value = {int(part) if part.isdigit() else part: value}
+    return OmegaConf.create(value, flags={"allow_objects": True})
+
+
+def _check_booleans(
+    template: DictConfig | ListConfig, source: object, prefix: str
+) -> None:
+    """Refuse a number where a key takes true or false: omegaconf reads 2 as true."""
+    if isinstance(template, ListConfig):
+        # Items are checked against the list's item type: a file's list replaces
+        # the default one, and an override addresses an item as levels.0.
+        element = template._metadata.element_type
+        if not dataclasses.is_dataclass(element):
+            return
+        if isinstance(source, ListConfig):
+            items = list(enumerate(source))
+        elif isinstance(source, DictConfig):
+            items = [(index, source[index]) for index in source]
+        else:
+            return
+        for index, item in items:
+            _check_booleans(OmegaConf.structured(element), item, f"{prefix}{index}.")
+        return
+    if not isinstance(template, DictConfig) or not isinstance(source, DictConfig):
+        return
+    for key in source:
+        if key not in template:
+            continue  # the merge names an unknown key
+        node, value = template._get_node(key), source._get_node(key)._value()
+        if isinstance(node, BooleanNode):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                raise ConfigError(
+                    f"config key {prefix + str(key)!r} = {value!r}: expected true or "
+                    f"false"
+                )
+        else:
+            _check_booleans(template[key], source[key], f"{prefix}{key}.")
 
 
 def _describe(error: OmegaConfBaseException) -> str:

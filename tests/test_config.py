@@ -124,6 +124,33 @@ def test_yaml_unknown_and_mistyped_keys_name_key(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "levels.0.rule.compile=2",
+        "levels.0.rule.checkpoint=0",
+        "meta.check_gradient=1.5",
+        "levels.0.rule={compile: 3}",
+        "levels=[{rule: {compile: 4}}]",
+    ],
+)
+def test_a_number_for_a_true_or_false_key_is_refused(override: str) -> None:
+    """omegaconf would read any number as a bool (2 as true); only true or false
+    (or yes, no, on, off) are taken."""
+    with pytest.raises(ConfigError, match="expected true or false"):
+        load_config(None, [override])
+
+
+def test_a_number_for_a_true_or_false_key_in_a_file_is_refused(tmp_path) -> None:
+    """The same check for a file's keys, inside a list of levels too."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("levels:\n  - rule: {kind: lstm, compile: 5}\n")
+    with pytest.raises(ConfigError, match="'levels.0.rule.compile' = 5"):
+        load_config(path)
+    path.write_text("levels:\n  - rule: {kind: lstm, compile: yes}\n")
+    assert load_config(path).levels[0].rule.compile is True
+
+
 def test_missing_file_is_config_error(tmp_path: Path) -> None:
     """A config path that does not exist is reported as a ConfigError."""
     with pytest.raises(ConfigError, match="does not exist"):
