@@ -249,56 +249,97 @@ def optimiser_step(
     }
 
 
-def memory(quick: bool) -> dict:
-    """Peak memory of MNIST meta-epochs, each point a fresh process."""
+# Ways to trade time for memory in meta-training, as config overrides.
+CHECKPOINTING = {
+    "off": [],
+    "rule": ["levels.0.rule.checkpoint=true"],
+    "every 2 steps": ["meta.checkpoint_steps=2"],
+}
+RULES = {"eager": [], "fused": ["levels.0.rule.compile=true"]}
+
+
+def memory(quick: bool, threads: int) -> dict:
+    """Peak memory of MNIST meta-epochs, each point a fresh process; for the
+    checkpointing points, also their time against none, interleaved in one."""
     truncations, horizons = (
         ([5, 10], [10, 20]) if quick else ([5, 10, 20, 40], [20, 40, 80, 160])
     )
     longest = max(truncations)
     common = ["meta.meta_batch=1", "run_dir=runs/benchmark-performance"]
 
-    def point(horizon: int, truncation: int, extra: list[str], epochs: int = 1) -> dict:
+    def point(
+        horizon: int,
+        truncation: int,
+        rule: str = "eager",
+        checkpoint: str = "off",
+        epochs: int = 1,
+    ) -> dict:
         row = in_subprocess(
             CONFIGS / "two_level_mnist.yaml",
             [
                 *common,
-                *extra,
+                *RULES[rule],
+                *CHECKPOINTING[checkpoint],
                 f"levels.0.horizon={horizon}",
                 f"meta.truncation={truncation}",
             ],
             epochs,
         )
-        if "levels.0.rule.checkpoint=true" in extra:
-            checkpoint = "rule"
-        elif any(o.startswith("meta.checkpoint_steps=") for o in extra):
-            checkpoint = "every 2 steps"
-        else:
-            checkpoint = "off"
         return {
             "horizon": horizon,
             "truncation": truncation,
-            "rule": "fused" if "levels.0.rule.compile=true" in extra else "eager",
+            "rule": rule,
             "checkpoint": checkpoint,
             **row,
         }
 
-    point(horizons[0], truncations[0], [])  # warms the file caches; not reported
+    point(horizons[0], truncations[0])  # warms the file caches; not reported
     trunc = 10 if quick else 20
     horizon = 20 if quick else 100
     repeats = 1 if quick else 3
+    checkpoint = [
+        point(horizon, trunc, rule, way, repeats)
+        for rule in RULES
+        for way in CHECKPOINTING
+    ]
+    for rule in RULES:
+        seconds = checkpoint_seconds(horizon, trunc, rule, 1 if quick else 5, threads)
+        rows = {row["checkpoint"]: row for row in checkpoint if row["rule"] == rule}
+        for way, row in rows.items():
+            row["interleaved_seconds"] = seconds[way]
+            row["time_vs_off"] = seconds[way] / seconds["off"]
+            row["memory_vs_off"] = row["peak_mib"] / rows["off"]["peak_mib"]
     return {
-        "by_truncation": [point(longest, t, []) for t in truncations],
-        "by_horizon": [point(h, trunc, []) for h in horizons],
-        "checkpoint": [
-            point(horizon, trunc, [*rule, *extra], repeats)
-            for rule in ([], ["levels.0.rule.compile=true"])
-            for extra in (
-                [],
-                ["levels.0.rule.checkpoint=true"],
-                ["meta.checkpoint_steps=2"],
-            )
-        ],
+        "by_truncation": [point(longest, t) for t in truncations],
+        "by_horizon": [point(h, trunc) for h in horizons],
+        "checkpoint": checkpoint,
     }
+
+
+def checkpoint_seconds(
+    horizon: int, truncation: int, rule: str, repeats: int, threads: int
+) -> dict[str, float]:
+    """Seconds per MNIST meta-epoch with each way of checkpointing, the ways
+    interleaved in one process: on a shared machine, runs in separate processes
+    minutes apart differ by more than the ratios measured."""
+    torch.set_num_threads(threads)
+    trainers = {
+        way: trainer_for(
+            "two_level_mnist",
+            [
+                "meta.meta_batch=1",
+                f"levels.0.horizon={horizon}",
+                f"meta.truncation={truncation}",
+                *RULES[rule],
+                *extra,
+            ],
+        )
+        for way, extra in CHECKPOINTING.items()
+    }
+    torch.set_num_threads(threads)
+    for trainer in trainers.values():
+        trainer.train_epoch()  # builds the kernels, allocates the buffers
+    return medians({way: t.train_epoch for way, t in trainers.items()}, repeats)
 
 
 def evaluation(quick: bool, repeats: int) -> dict:
@@ -415,16 +456,27 @@ def markdown(results: dict) -> str:
     m = results["memory"]
     lines += [
         "",
-        "| horizon | truncation | rule | checkpointing | peak growth, MiB | s/epoch |",
-        "|---:|---:|---|---|---:|---:|",
+        "| horizon | truncation | peak growth, MiB | s/epoch |",
+        "|---:|---:|---:|---:|",
     ]
-    for group in ("by_truncation", "by_horizon", "checkpoint"):
+    for group in ("by_truncation", "by_horizon"):
         for row in m[group]:
             lines.append(
                 f"| {row['horizon']} | {row['truncation']} | "
-                f"{row.get('rule', 'eager')} | {row['checkpoint']} | "
                 f"{row['peak_mib']:.0f} | {row['seconds']:.2f} |"
             )
+    lines += [
+        "",
+        "| rule | checkpointing | peak growth, MiB | memory / off "
+        "| s/epoch, interleaved | time / off |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in m["checkpoint"]:
+        lines.append(
+            f"| {row['rule']} | {row['checkpoint']} | {row['peak_mib']:.0f} | "
+            f"{row['memory_vs_off']:.3f} | {row['interleaved_seconds']:.2f} | "
+            f"{row['time_vs_off']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -462,7 +514,7 @@ def main() -> None:
     torch.set_num_threads(1)
     results["evaluation"] = evaluation(quick, repeats)
     print("evaluation", results["evaluation"]["seconds"], flush=True)
-    results["memory"] = memory(quick)
+    results["memory"] = memory(quick, threads)
     results["machine"]["load_average_after"] = os.getloadavg()
 
     out = Path(args.out)

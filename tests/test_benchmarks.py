@@ -57,6 +57,13 @@ def test_harness_pieces_on_tiny_sizes() -> None:
     assert "| 144 |" in table
 
 
+def test_checkpointing_times_come_from_one_process() -> None:
+    """Each way of checkpointing gets a time, measured side by side."""
+    seconds = performance.checkpoint_seconds(4, 2, "eager", 1, 1)
+    assert set(seconds) == set(performance.CHECKPOINTING)
+    assert all(value > 0 for value in seconds.values())
+
+
 def test_rule_flops_count_every_matmul() -> None:
     """2 N in out per product: two fused LSTM layers of 20 units and the head."""
     n = 10
