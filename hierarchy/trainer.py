@@ -203,6 +203,7 @@ class MetaTrainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.val_seed = seed + 1_000_003
         self.epoch = 0
+        self._running = 1  # the epoch in progress, which SIGINT lets finish
         self.bad_updates = 0
         self.history = History()
         if log_grad_norms:
@@ -441,17 +442,19 @@ class MetaTrainer:
             if stop:
                 raise KeyboardInterrupt
             stop.append(signum)
-            logger.warning("SIGINT: stopping after epoch %d", self.epoch + 1)
+            logger.warning("SIGINT: stopping after epoch %d", self._running)
 
         previous = _install_sigint(interrupt)
         try:
-            self._train(stop)
+            # A stop in the last epoch counts too: what follows (evaluation) can
+            # take as long as training, and resume=true runs it alone.
+            self.history.interrupted = self._train(stop)
         finally:
             _install_sigint(previous)
-        self.history.interrupted = bool(stop) and self.epoch < self.epochs
         return self.history
 
-    def _train(self, stop: list) -> None:
+    def _train(self, stop: list) -> bool:
+        """The epochs up to ``epochs``; whether SIGINT stopped them."""
         bar = tqdm(
             range(self.epoch, self.epochs),
             desc="meta-train",
@@ -462,6 +465,7 @@ class MetaTrainer:
             disable=None if self.dist.is_main else True,
         )
         for epoch in bar:
+            self._running = epoch + 1  # until its checkpoint is written
             start_time = time.perf_counter()
             train_loss = self.train_epoch()
             self.history.seconds += time.perf_counter() - start_time
@@ -516,8 +520,10 @@ class MetaTrainer:
                     self.epochs,
                     self.checkpoint_path,
                 )
-                break
+                self.dist.barrier()
+                return True
         self.dist.barrier()  # rank 0's last files are on disk before anyone reads
+        return False
 
     def rule_payload(self) -> dict:
         """The top rule alone: its kind, constructor arguments and weights."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -341,3 +344,48 @@ def test_counts_that_would_train_or_check_nothing_are_refused(argument) -> None:
     top = build_stack(QuadraticTask(2), [MLPRule(hidden_size=2)], [2], ["first_order"])
     with pytest.raises(ValueError, match=f"{argument} must be a positive integer"):
         MetaTrainer(top, "unused", truncation=1, **{argument: 0})
+
+
+def _interrupted_trainer(tiny_config, epochs: int, when: str, at: int) -> MetaTrainer:
+    """A trainer that sends itself SIGINT in epoch ``at``: while it trains
+    (``train_epoch``) or while it validates (``validate``)."""
+    config = tiny_config(f"meta.epochs={epochs}", "meta.val_every=1")
+    top, _ = build(config)
+    trainer = MetaTrainer.from_config(top, config)
+    original = getattr(trainer, when)
+
+    def interrupted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        running = trainer.epoch + 1 if when == "train_epoch" else trainer.epoch
+        if running == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    setattr(trainer, when, interrupted)
+    return trainer
+
+
+@pytest.mark.parametrize("when", ["train_epoch", "validate"])
+def test_sigint_in_the_last_epoch_stops_the_run(tiny_config, caplog, when) -> None:
+    """Ctrl-C in the last epoch stops too (evaluation is left to resume=true), and
+    both messages name the epoch that finishes."""
+    trainer = _interrupted_trainer(tiny_config, 2, when, at=2)
+    with caplog.at_level(logging.WARNING, logger="hierarchy.trainer"):
+        history = trainer.train()
+    assert history.interrupted and trainer.epoch == 2
+    messages = [record.getMessage() for record in caplog.records]
+    assert "SIGINT: stopping after epoch 2" in messages
+    assert any(m.startswith("stopped at epoch 2 of 2 on SIGINT") for m in messages)
+
+
+def test_sigint_while_validating_names_the_epoch_it_stops_after(
+    tiny_config, caplog
+) -> None:
+    """A signal during epoch 1's validation stops after epoch 1, and says so."""
+    trainer = _interrupted_trainer(tiny_config, 3, "validate", at=1)
+    with caplog.at_level(logging.WARNING, logger="hierarchy.trainer"):
+        history = trainer.train()
+    assert history.interrupted and trainer.epoch == 1
+    messages = [record.getMessage() for record in caplog.records]
+    assert "SIGINT: stopping after epoch 1" in messages
+    assert any(m.startswith("stopped at epoch 1 of 3 on SIGINT") for m in messages)
