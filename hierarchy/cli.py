@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -42,10 +41,7 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
     except OSError as error:
         failure = f"error: cannot write the run folder: {error}"
     finally:
-        # Before the process group exists (a config error) torchrun's RANK says
-        # which process speaks, so that the error is printed once.
-        main_rank = distributed.Context.current().is_main
-        main_rank = main_rank and os.environ.get("RANK", "0") == "0"
+        main_rank = distributed.prints()
         distributed.shutdown()
 
     if failure is not None:

@@ -58,6 +58,35 @@ def world_size_from_env() -> int:
     return size
 
 
+def prints() -> bool:
+    """Whether this process prints results and errors: rank 0 of the group it
+    joined, or, before it joins one (a config error), the process torchrun
+    started as RANK 0, so that a message is printed once. A process alone
+    (WORLD_SIZE unset, 1 or unreadable) prints, whatever RANK it was left."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    try:
+        alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    except ValueError:
+        alone = True  # an error about it is what there is to print
+    return alone or os.environ.get("RANK", "0") == "0"
+
+
+def _launch_integer(name: str, low: int, high: int) -> int:
+    """The integer in environment variable ``name``, from ``low`` to ``high``."""
+    raw = os.environ[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ConfigError(
+            f"environment variable {name} = {raw!r}: expected an integer from "
+            f"{low} to {high}, as torchrun sets it"
+        )
+    return value
+
+
 def setup(device: torch.device) -> torch.device:
     """Join the process group torchrun describes; returns this rank's device.
 
@@ -76,7 +105,11 @@ def setup(device: torch.device) -> torch.device:
             f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {', '.join(missing)} "
             f"are not set; start the processes with torchrun"
         )
-    device = _local_device(device, int(os.environ["LOCAL_RANK"]))
+    world_size = world_size_from_env()
+    _launch_integer("RANK", 0, world_size - 1)
+    _launch_integer("MASTER_PORT", 1, 65535)
+    local_rank = _launch_integer("LOCAL_RANK", 0, world_size - 1)
+    device = _local_device(device, local_rank)
     backend = backend_for(device)
 
     # torch.distributed.nn binds the default group into its functions' defaults

@@ -92,6 +92,57 @@ def test_setup_asks_for_torchrun_when_its_variables_are_missing(monkeypatch) -> 
     assert not dist.is_initialized()
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("RANK", "abc"),
+        ("RANK", "2"),  # not below WORLD_SIZE: the group would wait for ever
+        ("LOCAL_RANK", "abc"),
+        ("LOCAL_RANK", "-1"),
+        ("MASTER_PORT", "abc"),
+        ("MASTER_PORT", "70000"),
+    ],
+)
+def test_setup_refuses_a_launch_variable_torchrun_would_not_set(
+    monkeypatch, name: str, value: str
+) -> None:
+    """Each bad variable is named with what is accepted, before any group starts."""
+    launch = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    launch |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", name: value}
+    for key, setting in launch.items():
+        monkeypatch.setenv(key, setting)
+    with pytest.raises(ConfigError, match=f"{name} = '{value}': expected an integer"):
+        distributed.setup(torch.device("cpu"))
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "world_size, rank, prints",
+    [(None, "1", True), ("1", "3", True), ("abc", "1", True), ("2", "1", False)],
+)
+def test_a_process_alone_prints_whatever_rank_it_was_left(
+    monkeypatch, world_size: str | None, rank: str, prints: bool
+) -> None:
+    """Only ranks other than 0 of a real launch stay quiet; a RANK left over in a
+    single process's environment does not silence its errors and tables."""
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", rank)
+    assert distributed.prints() is prints
+
+
+def test_a_config_error_is_printed_with_a_leftover_rank(monkeypatch, capsys) -> None:
+    """The error of a single process reaches the user whatever RANK it was left."""
+    from hierarchy.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "two_level_quadratic", "meta.epochz=1"]) == 2
+    assert "'meta.epochz' does not exist" in capsys.readouterr().err
+
+
 def test_a_process_computes_on_its_own_gpu_or_the_cpu() -> None:
     """A GPU named by index must be this process's LOCAL_RANK; the CPU stays."""
     assert distributed._local_device(torch.device("cpu"), 3) == torch.device("cpu")
