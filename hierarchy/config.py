@@ -8,6 +8,7 @@ unknown key or a value of the wrong type raises ``ConfigError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import typing
@@ -187,6 +188,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                 raise ConfigError(f"config file {str(path)!r} does not exist")
             try:
                 loaded = OmegaConf.load(path)
+            except UnicodeDecodeError:
+                raise ConfigError(
+                    f"config file {str(path)!r} is not UTF-8 text; give a YAML file"
+                ) from None
             except yaml.YAMLError as error:
                 message = str(error).replace("\n", " ")
                 raise ConfigError(
@@ -198,7 +203,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
                     f"keys at its top level, not a list or a value"
                 )
             _drop_retired(loaded, path)
-            _check_booleans(config, loaded, "")
+            _check_values(config, loaded, "")
             config = OmegaConf.merge(config, loaded)
         for override in overrides:
             _apply(config, override)
@@ -259,7 +264,7 @@ def _apply(config: DictConfig, override: str) -> None:
             f"config key {key!r} does not exist; see the config's "
             f"defaults in hierarchy/config.py for the accepted keys"
         )
-    _check_booleans(config, _nested(key, value), "")
+    _check_values(config, _nested(key, value), "", by_index=True)
     try:
         OmegaConf.update(config, key, value, merge=True)
     except OmegaConfBaseException as error:
@@ -273,39 +278,73 @@ def _nested(key: str, value: object) -> DictConfig:
     return OmegaConf.create(value, flags={"allow_objects": True})
 
 
-def _check_booleans(
-    template: DictConfig | ListConfig, source: object, prefix: str
+def _check_values(
+    template: DictConfig | ListConfig,
+    source: object,
+    prefix: str,
+    by_index: bool = False,
 ) -> None:
-    """Refuse a number where a key takes true or false: omegaconf reads 2 as true."""
+    """Check a file's or an override's values against the typed defaults, naming
+    each by its full key: a mapping, a list or a single value where the config
+    takes one; true or false where it takes a bool (omegaconf reads 2 as true);
+    and only the keys a section has. omegaconf's own errors for these come from
+    deep inside a merge, as a TypeError or with the key's path cut short.
+    ``by_index``: an override's mapping of indices ({levels: {0: ...}} for
+    levels.0...) stands for items of a list."""
     if isinstance(template, ListConfig):
         # Items are checked against the list's item type: a file's list replaces
         # the default one, and an override addresses an item as levels.0.
         element = template._metadata.element_type
-        if not dataclasses.is_dataclass(element):
-            return
         if isinstance(source, ListConfig):
             items = list(enumerate(source))
-        elif isinstance(source, DictConfig):
+        elif isinstance(source, DictConfig) and by_index:
             items = [(index, source[index]) for index in source]
         else:
             return
-        for index, item in items:
-            _check_booleans(OmegaConf.structured(element), item, f"{prefix}{index}.")
-        return
-    if not isinstance(template, DictConfig) or not isinstance(source, DictConfig):
-        return
-    for key in source:
-        if key not in template:
-            continue  # the merge names an unknown key
-        node, value = template._get_node(key), source._get_node(key)._value()
-        if isinstance(node, BooleanNode):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                raise ConfigError(
-                    f"config key {prefix + str(key)!r} = {value!r}: expected true or "
-                    f"false"
+        if dataclasses.is_dataclass(element):
+            for index, item in items:
+                _check_values(
+                    OmegaConf.structured(element), item, f"{prefix}{index}.", by_index
                 )
-        else:
-            _check_booleans(template[key], source[key], f"{prefix}{key}.")
+        return
+    if not isinstance(source, DictConfig):
+        return
+    section = template._metadata.object_type
+    for key in source:
+        full = f"{prefix}{key}"
+        if key not in template:
+            if dataclasses.is_dataclass(section):
+                names = [entry.name for entry in dataclasses.fields(section)]
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                where = f"{prefix.rstrip('.')} section" if prefix else "top level"
+                raise ConfigError(
+                    f"config key {full!r} does not exist{hint}; the {where} "
+                    f"accepts {', '.join(names)}"
+                )
+            continue
+        node, value = template._get_node(key), source._get_node(key)
+        if value._is_none() or value._is_interpolation():
+            continue
+        if isinstance(node, (DictConfig, ListConfig)):
+            kind = "a mapping" if isinstance(node, DictConfig) else "a list"
+            indexed = by_index and isinstance(value, DictConfig)
+            if not isinstance(value, type(node)) and not indexed:
+                raise ConfigError(
+                    f"config key {full!r} = {value._value()!r}: expected {kind}"
+                )
+            _check_values(node, value, f"{full}.", by_index)
+        elif isinstance(value, (DictConfig, ListConfig)):
+            raise ConfigError(
+                f"config key {full!r} = {OmegaConf.to_container(value)!r}: expected "
+                f"a single value, not a mapping or a list"
+            )
+        elif isinstance(node, BooleanNode):
+            raw = value._value()
+            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+                raise ConfigError(
+                    f"config key {full!r} = {raw!r}: expected true or false"
+                )
 
 
 def _describe(error: OmegaConfBaseException) -> str:

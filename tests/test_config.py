@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,23 @@ def test_a_number_for_a_true_or_false_key_in_a_file_is_refused(tmp_path) -> None
     assert load_config(path).levels[0].rule.compile is True
 
 
+def test_a_file_of_the_wrong_kind_of_value_names_its_key(tmp_path) -> None:
+    """A mapping, list or single value where the config takes another kind, and a
+    file that is not text, each get one line; omegaconf raised a TypeError."""
+    path = tmp_path / "bad.yaml"
+    for text, message in [
+        ("levels: {a: 1}\n", "'levels' = {'a': 1}: expected a list"),
+        ("task: 5\n", "'task' = 5: expected a mapping"),
+        ("meta: {epochs: [3]}\n", "'meta.epochs' = [3]: expected a single value"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(path)
+    path.write_bytes(b"\xff\xfe bad")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(path)
+
+
 def test_missing_file_is_config_error(tmp_path: Path) -> None:
     """A config path that does not exist is reported as a ConfigError."""
     with pytest.raises(ConfigError, match="does not exist"):
@@ -247,7 +265,12 @@ def test_retired_dtype_key_of_old_run_folders(tmp_path: Path) -> None:
 def test_an_unknown_key_error_lists_the_keys_its_section_accepts(tmp_path) -> None:
     path = tmp_path / "typo.yaml"
     path.write_text("meta:\n  epochz: 3\n")
-    with pytest.raises(ConfigError, match="'meta.epochz'.*It accepts optimizer, lr"):
+    with pytest.raises(
+        ConfigError, match="'meta.epochz'.*did you mean 'epochs'.*accepts optimizer, lr"
+    ):
         load_config(path)
-    with pytest.raises(ConfigError, match="'levels.0.rule'.*; it accepts kind, hidden"):
+    path.write_text("levels:\n  - rule: {kind: lstm, hiden_size: 3}\n")
+    with pytest.raises(ConfigError, match="'levels.0.rule.hiden_size' does not exist"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="'levels.0.rule.a' does not exist; the lev"):
         load_config(None, ["levels.0.rule={a: 1}"])
