@@ -270,6 +270,9 @@ class MetaTrainer:
             steps = min(self.truncation, top.horizon - carry.step)
             meta_loss, carry = self._segment(problem, carry, steps)
             loss = meta_loss.mean()
+            # Read before backward, which with checkpoint_steps reruns chunks of
+            # the unroll, in reverse, and with them the levels below.
+            seen = [level.grad_norm for level in _levels(top)]
 
             self.optimizer.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
@@ -302,7 +305,7 @@ class MetaTrainer:
             self.bad_updates = 0
 
             if self.log_grad_norms:
-                norms.append(self._grad_norms(norm, carry))
+                norms.append(self._grad_norms(norm, carry, seen))
             carry = carry.detach()
             total += loss.item()
 
@@ -380,14 +383,16 @@ class MetaTrainer:
                 f"set meta.grad_clip, then rerun with resume=true"
             )
 
-    def _grad_norms(self, meta_norm: float, carry: Carry) -> dict[str, float]:
-        """The top meta-gradient's norm, and the gradient norm each rule last saw."""
+    def _grad_norms(
+        self, meta_norm: float, carry: Carry, seen: list[float]
+    ) -> dict[str, float]:
+        """The top meta-gradient's norm, and the gradient norm each rule last saw
+        in the segment's forward unroll (``seen``, per level from the top; the
+        top's own is read from ``carry``)."""
         norms = {f"level {self.top.depth - 1} meta-gradient": meta_norm}
-        seen = carry.grad.detach().norm(dim=-1).mean().item()
-        for level in _levels(self.top):
-            if level is not self.top:
-                seen = level.grad_norm
-            norms[f"level {level.depth - 1} ({level.rule.kind}) input"] = seen
+        seen = [carry.grad.detach().norm(dim=-1).mean().item(), *seen[1:]]
+        for level, norm in zip(_levels(self.top), seen):
+            norms[f"level {level.depth - 1} ({level.rule.kind}) input"] = norm
         return norms
 
     def check_meta_gradient(self, directions: int = 3) -> GradientCheck:
