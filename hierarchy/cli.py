@@ -32,7 +32,7 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
     from hierarchy.trainer import CheckpointError, NonFiniteError
     from tasks.mnist_data import DataError
 
-    failure = None
+    failure, config = None, None
     try:
         config = load_config(config_path, overrides)
         results = run(config)
@@ -40,6 +40,8 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
         failure = f"error: {error}"
     except OSError as error:
         failure = f"error: cannot write the run folder: {error}"
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during evaluation
+        results = {"interrupted": True}
     finally:
         main_rank = distributed.prints()
         distributed.shutdown()
@@ -48,11 +50,13 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
         if main_rank:
             print(failure, file=sys.stderr)
         return 2
+    if results.get("interrupted") and config is None:
+        return 130
     if results.get("interrupted"):
         if main_rank:
             print(
-                f"interrupted: checkpoint in {config.run_dir}; add resume=true to "
-                f"the same command to continue",
+                f"interrupted: the last checkpoint in {config.run_dir} stands; add "
+                f"resume=true to the same command to continue",
                 file=sys.stderr,
             )
         return 130
@@ -165,6 +169,20 @@ def evaluate_rule(config: Config, rule: UpdateRule, source: str) -> dict:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(OmegaConf.structured(config))
+    if top.depth == 2:
+        # The rule evaluated is the file's: the config.yaml written says so.
+        recorded = resolved["levels"][0]["rule"]
+        given = {"kind": rule.kind, **rule.config()}
+        unused = {k: recorded[k] for k, v in given.items() if recorded.get(k) != v}
+        if unused:
+            logger.warning(
+                "%s holds a %s rule %s; the config's rule settings %s are not used",
+                source,
+                rule.kind,
+                rule.config(),
+                unused,
+            )
+        recorded.update(given)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     learned = {name: (evaluated, theta)}
     results = {
@@ -241,6 +259,8 @@ def print_report(path: Path) -> int:
 
     from hierarchy.evaluate import markdown_summary
 
+    if path.is_dir():
+        path = path / "results.json"  # a run folder
     if not path.is_file():
         print(f"error: results file {str(path)!r} does not exist", file=sys.stderr)
         return 2
@@ -287,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         "--config", help="take the task and evaluation settings from this YAML file"
     )
     report = commands.add_parser("report", help="Markdown table of a results.json")
-    report.add_argument("results", help="a results.json written by a run")
+    report.add_argument(
+        "results", help="a results.json written by a run, or the run's folder"
+    )
     commands.add_parser("pretrained", help="list the pretrained rules")
     # Overrides may also follow --config: argparse leaves those to the extras.
     args, extras = parser.parse_known_args(argv)
@@ -307,11 +329,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pretrained":
         return print_pretrained()
     if args.command == "evaluate":
-        return evaluate_checkpoint(args.checkpoint, args.overrides, args.config)
-    config = Path(args.config)
-    if not config.exists() and (CONFIGS / f"{args.config}.yaml").exists():
-        config = CONFIGS / f"{args.config}.yaml"
-    return run_config(config, args.overrides)
+        config = None if args.config is None else str(config_file(args.config))
+        return evaluate_checkpoint(args.checkpoint, args.overrides, config)
+    return run_config(config_file(args.config), args.overrides)
+
+
+def config_file(name: str) -> Path:
+    """The YAML file ``name`` names: a path that exists, else a shipped config in
+    configs/ by its name (``two_level_mnist``, with or without .yaml)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    for shipped in (CONFIGS / path.name, CONFIGS / f"{path.name}.yaml"):
+        if path.parent == Path(".") and shipped.is_file():
+            return shipped
+    return path  # load_config says it does not exist
 
 
 if __name__ == "__main__":

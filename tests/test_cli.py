@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,29 @@ def test_evaluate_a_run_folder_repeats_the_runs_evaluation(
             again["evaluations"][key]["learning_rates"]
             == (evaluation["learning_rates"])
         )
+
+
+def test_evaluate_records_the_rule_it_evaluates(
+    tiny_config, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """With two levels the rule file gives the rule: other settings in the config
+    are named as unused, and the written config.yaml holds the rule's own."""
+    config = tiny_config()
+    run(config)
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "levels.0.rule.hidden_size=7",
+        "levels.0.rule.out_scale=5",
+        "log_level=WARNING",
+    ]
+    with caplog.at_level(logging.WARNING, logger="hierarchy.cli"):
+        assert main(["evaluate", config.run_dir, *args]) == 0
+    assert "{'hidden_size': 7, 'out_scale': 5.0} are not used" in caplog.text
+    written = yaml.safe_load(
+        (tmp_path / "runs" / "evaluate-run" / "config.yaml").read_text()
+    )
+    rule = written["levels"][0]["rule"]
+    assert (rule["hidden_size"], rule["out_scale"]) == (4, 0.1)
 
 
 def test_evaluate_a_three_level_run_folder(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -154,7 +178,45 @@ def test_a_config_error_is_printed_by_rank_zero_only(
     rank: str, printed: bool, monkeypatch, capsys
 ) -> None:
     """Under torchrun every rank fails on a bad config; one of them says so."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", rank)
     assert main(["train", "two_level_quadratic", "meta.epochz=3"]) == 2
     error = capsys.readouterr().err
     assert ("config key 'meta.epochz' does not exist" in error) is printed
+
+
+def test_a_run_folder_is_reported_and_config_names_work_anywhere(
+    tiny_config, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """report takes a run's folder as well as its results.json, and a shipped
+    config is found by name, with or without .yaml, from any folder."""
+    from hierarchy.cli import CONFIGS, config_file
+
+    config = tiny_config()
+    run(config)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", config.run_dir]) == 0
+    assert "learned" in capsys.readouterr().out
+    shipped = CONFIGS / "two_level_quadratic.yaml"
+    assert config_file("two_level_quadratic") == shipped
+    assert config_file("two_level_quadratic.yaml") == shipped
+    assert config_file("elsewhere/two_level_quadratic") == Path(
+        "elsewhere/two_level_quadratic"
+    )
+
+
+def test_a_second_ctrl_c_exits_130_without_a_traceback(
+    tiny_config, monkeypatch, capsys
+) -> None:
+    """KeyboardInterrupt (a second Ctrl-C, or one while evaluating) says how to go
+    on, with the exit code of an interrupt, and no traceback."""
+    import hierarchy.experiment
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hierarchy.experiment, "run", interrupted)
+    run_dir = tiny_config().run_dir
+    assert main(["train", "two_level_quadratic", f"run_dir={run_dir}"]) == 130
+    error = capsys.readouterr().err
+    assert "resume=true" in error and "Traceback" not in error
