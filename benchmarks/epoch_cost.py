@@ -51,7 +51,10 @@ def measure(config_path: Path, overrides: list[str], epochs: int = 1) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = _peak_rss() - before
+        # Linux updates a process's memory counters in batches, so the
+        # high-water mark can read a fraction of a MiB below the resident memory
+        # read just before: no growth at all.
+        peak = max(_peak_rss() - before, 0)
 
     return {
         "config": config_path.stem,
