@@ -567,6 +567,7 @@ class MetaTrainer:
         for key in STRUCTURAL_KEYS:
             old, new = _lookup(saved, key), _lookup(self.config, key)
             if old is not None and new is not None and old != new:
+                key, old, new = _first_difference(key, old, new)
                 raise CheckpointError(
                     f"checkpoint {self.checkpoint_path} was written with {key} = "
                     f"{old!r}, but the config now has {new!r}; resume with the "
@@ -612,6 +613,28 @@ class MetaTrainer:
         self.history = History(**payload["history"])
         self.epoch = payload["epoch"]
         logger.info("resumed from %s at epoch %d", self.checkpoint_path, self.epoch)
+        if self.epoch > self.epochs:
+            logger.warning(
+                "the checkpoint is at epoch %d, past meta.epochs = %d: nothing is "
+                "trained, and the rule of epoch %d is the one evaluated",
+                self.epoch,
+                self.epochs,
+                self.epoch,
+            )
+
+
+def _first_difference(key: str, old: object, new: object) -> tuple[str, object, object]:
+    """The first key, under ``key``, where two config values differ, and its two
+    values: levels.0.rule.compile rather than the whole levels lists."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for sub in [*old, *(k for k in new if k not in old)]:
+            if old.get(sub) != new.get(sub):
+                return _first_difference(f"{key}.{sub}", old.get(sub), new.get(sub))
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for index, (a, b) in enumerate(zip(old, new)):
+            if a != b:
+                return _first_difference(f"{key}.{index}", a, b)
+    return key, old, new
 
 
 def _levels(top: Level) -> list[Level]:

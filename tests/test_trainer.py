@@ -308,8 +308,27 @@ def test_load_refuses_a_changed_structural_key(tiny_config, tmp_path: Path) -> N
     trainer("meta.epochs=1").train()
     trainer("meta.epochs=3").load()
     changed_trainer = trainer("meta.epochs=3", "task.dim=4")
-    with pytest.raises(trainer_module.CheckpointError, match="task"):
+    with pytest.raises(trainer_module.CheckpointError, match="task.dim = 3.* 4;"):
         changed_trainer.load()
+
+    # Within a list, the first key that differs is named, not the whole lists.
+    changed_trainer = trainer("meta.epochs=3", "levels.0.rule.compile=true")
+    with pytest.raises(
+        trainer_module.CheckpointError,
+        match="levels.0.rule.compile = False, but the config now has True;",
+    ):
+        changed_trainer.load()
+
+
+def test_resuming_past_the_epochs_asked_for_says_so(
+    tiny_config, caplog, tmp_path: Path
+) -> None:
+    """A checkpoint further on than meta.epochs trains nothing, with a warning."""
+    _trainer(tiny_config("meta.epochs=2"), tmp_path).train()
+    fewer = _trainer(tiny_config("meta.epochs=1"), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hierarchy.trainer"):
+        fewer.load()
+    assert "at epoch 2, past meta.epochs = 1: nothing is trained" in caplog.text
 
 
 def test_history_keeps_training_time_across_resume(tiny_config, tmp_path) -> None:
