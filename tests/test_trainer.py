@@ -384,27 +384,21 @@ def _interrupted_trainer(tiny_config, epochs: int, when: str, at: int) -> MetaTr
     return trainer
 
 
-@pytest.mark.parametrize("when", ["train_epoch", "validate"])
-def test_sigint_in_the_last_epoch_stops_the_run(tiny_config, caplog, when) -> None:
-    """Ctrl-C in the last epoch stops too (evaluation is left to resume=true), and
-    both messages name the epoch that finishes."""
-    trainer = _interrupted_trainer(tiny_config, 2, when, at=2)
-    with caplog.at_level(logging.WARNING, logger="hierarchy.trainer"):
-        history = trainer.train()
-    assert history.interrupted and trainer.epoch == 2
-    messages = [record.getMessage() for record in caplog.records]
-    assert "SIGINT: stopping after epoch 2" in messages
-    assert any(m.startswith("stopped at epoch 2 of 2 on SIGINT") for m in messages)
-
-
-def test_sigint_while_validating_names_the_epoch_it_stops_after(
-    tiny_config, caplog
+@pytest.mark.parametrize(
+    "epochs, when, at",
+    [(2, "train_epoch", 2), (2, "validate", 2), (3, "validate", 1)],
+)
+def test_sigint_stops_after_the_epoch_it_came_in(
+    tiny_config, caplog, epochs: int, when: str, at: int
 ) -> None:
-    """A signal during epoch 1's validation stops after epoch 1, and says so."""
-    trainer = _interrupted_trainer(tiny_config, 3, "validate", at=1)
+    """Ctrl-C stops after the epoch in progress, the last one too (evaluation is
+    left to resume=true), and both messages name that epoch, also when it comes
+    while the epoch validates."""
+    trainer = _interrupted_trainer(tiny_config, epochs, when, at)
     with caplog.at_level(logging.WARNING, logger="hierarchy.trainer"):
         history = trainer.train()
-    assert history.interrupted and trainer.epoch == 1
+    assert history.interrupted and trainer.epoch == at
     messages = [record.getMessage() for record in caplog.records]
-    assert "SIGINT: stopping after epoch 1" in messages
-    assert any(m.startswith("stopped at epoch 1 of 3 on SIGINT") for m in messages)
+    assert f"SIGINT: stopping after epoch {at}" in messages
+    stopped = f"stopped at epoch {at} of {epochs} on SIGINT"
+    assert any(m.startswith(stopped) for m in messages)
