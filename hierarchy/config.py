@@ -330,9 +330,12 @@ def _check_values(
             kind = "a mapping" if isinstance(node, DictConfig) else "a list"
             indexed = by_index and isinstance(value, DictConfig)
             if not isinstance(value, type(node)) and not indexed:
-                raise ConfigError(
-                    f"config key {full!r} = {value._value()!r}: expected {kind}"
+                shown = (
+                    OmegaConf.to_container(value)
+                    if isinstance(value, (DictConfig, ListConfig))
+                    else value._value()
                 )
+                raise ConfigError(f"config key {full!r} = {shown!r}: expected {kind}")
             _check_values(node, value, f"{full}.", by_index)
         elif isinstance(value, (DictConfig, ListConfig)):
             raise ConfigError(
