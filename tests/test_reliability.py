@@ -355,7 +355,9 @@ def test_checkpoint_of_another_config_is_refused(tmp_path: Path, capsys) -> None
     assert main(["train", _file(tmp_path), *overrides]) == 0
     changed = [*overrides, "resume=true", "task.dim=4", "meta.epochs=2"]
     assert main(["train", _file(tmp_path), *changed]) == 2
-    assert "written with task =" in capsys.readouterr().err
+    assert "written with task.dim = 3, but the config now has 4" in (
+        capsys.readouterr().err
+    )
 
 
 def _file(folder: Path) -> str:
