@@ -89,6 +89,11 @@ STRUCTURAL_KEYS = (
 # warning, as the numbers then differ from an uninterrupted run's.
 TUNABLE_KEYS = ("meta.lr", "meta.grad_clip")
 
+# Settings of a level's rule that change how it computes, not what (the fused
+# kernel, activation checkpointing): a resumed run may switch them too, with the
+# same warning, as the numbers then round differently.
+RUNTIME_RULE_KEYS = ("compile", "checkpoint")
+
 
 def read_checkpoint(path: Path, what: str) -> object:
     """``torch.load`` a checkpoint with ``weights_only=True``; a file that cannot
@@ -566,6 +571,8 @@ class MetaTrainer:
         """Refuse to resume when a key that shapes the training has changed."""
         for key in STRUCTURAL_KEYS:
             old, new = _lookup(saved, key), _lookup(self.config, key)
+            if key == "levels":
+                old, new = _without_runtime_keys(old), _without_runtime_keys(new)
             if old is not None and new is not None and old != new:
                 key, old, new = _first_difference(key, old, new)
                 raise CheckpointError(
@@ -573,9 +580,14 @@ class MetaTrainer:
                     f"{old!r}, but the config now has {new!r}; resume with the "
                     f"original value, or use a new run_dir"
                 )
-        for key in TUNABLE_KEYS:
+        runtime = [
+            f"levels.{index}.rule.{name}"
+            for index in range(len(_lookup(self.config, "levels") or []))
+            for name in RUNTIME_RULE_KEYS
+        ]
+        for key in [*TUNABLE_KEYS, *runtime]:
             old, new = _lookup(saved, key), _lookup(self.config, key)
-            if old != new:
+            if old != new and not (key in runtime and old is None):
                 logger.warning(
                     "resuming with %s = %r where the checkpoint had %r: the run "
                     "will not match one that was never stopped",
@@ -654,9 +666,32 @@ def _install_sigint(handler: object) -> object:
 
 
 def _lookup(config: dict, dotted: str) -> object:
-    """``config["a"]["b"]`` for ``"a.b"``, or None where a key is missing."""
+    """``config["a"]["b"]`` for ``"a.b"`` (``levels.0`` indexes a list), or None
+    where a key is missing."""
     for part in dotted.split("."):
-        if not isinstance(config, dict) or part not in config:
+        if isinstance(config, list) and part.isdigit() and int(part) < len(config):
+            config = config[int(part)]
+        elif isinstance(config, dict) and part in config:
+            config = config[part]
+        else:
             return None
-        config = config[part]
     return config
+
+
+def _without_runtime_keys(levels: object) -> object:
+    """A resolved config's levels without their rules' RUNTIME_RULE_KEYS."""
+    if not isinstance(levels, list):
+        return levels
+    return [
+        {
+            **level,
+            "rule": {
+                k: v
+                for k, v in level.get("rule", {}).items()
+                if k not in RUNTIME_RULE_KEYS
+            },
+        }
+        if isinstance(level, dict)
+        else level
+        for level in levels
+    ]

@@ -312,12 +312,33 @@ def test_load_refuses_a_changed_structural_key(tiny_config, tmp_path: Path) -> N
         changed_trainer.load()
 
     # Within a list, the first key that differs is named, not the whole lists.
-    changed_trainer = trainer("meta.epochs=3", "levels.0.rule.compile=true")
+    changed_trainer = trainer("meta.epochs=3", "levels.0.rule.preprocess_p=5")
     with pytest.raises(
         trainer_module.CheckpointError,
-        match="levels.0.rule.compile = False, but the config now has True;",
+        match="levels.0.rule.preprocess_p = 10.0, but the config now has 5.0;",
     ):
         changed_trainer.load()
+
+
+def test_resuming_may_switch_the_fused_kernel_with_a_warning(
+    tiny_config, caplog, tmp_path: Path
+) -> None:
+    """compile and checkpoint change how the rule computes, not what: a resume
+    may switch them, and is told the numbers will round differently."""
+    from omegaconf import OmegaConf
+
+    def trainer(*overrides: str) -> MetaTrainer:
+        config = tiny_config(*overrides)
+        made = _trainer(config, tmp_path)
+        made.config = OmegaConf.to_container(OmegaConf.structured(config))
+        return made
+
+    trainer("meta.epochs=1").train()
+    with caplog.at_level(logging.WARNING, logger="hierarchy.trainer"):
+        trainer("meta.epochs=2", "levels.0.rule.compile=true").load()
+    assert "levels.0.rule.compile = True where the checkpoint had False" in (
+        caplog.text
+    )
 
 
 def test_resuming_past_the_epochs_asked_for_says_so(
