@@ -240,6 +240,8 @@ def train_two_level(config: Config) -> tuple[UpdateRule, torch.Tensor, float]:
     trainer = MetaTrainer.from_config(top, config)
     resume_or_start(trainer, config.resume)
     history = trainer.train()
+    if history.interrupted:  # Ctrl-C stops the whole command, not this run alone
+        raise KeyboardInterrupt
     load_best(top, trainer.best_path)
     return top.rule, top.rule.theta.detach(), history.seconds
 

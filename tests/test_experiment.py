@@ -293,3 +293,23 @@ def test_one_problem_shows_no_standard_error() -> None:
         {"t": {"task": "t", "horizon": 1, "summary": summary}}, [1]
     )
     assert "nan" not in markdown and "**1**" in markdown and "2.5 ± 0.5" in markdown
+
+
+def test_ctrl_c_in_a_two_level_run_of_a_deeper_evaluation_stops_it(
+    tiny_config, monkeypatch
+) -> None:
+    """The two-level runs a deeper stack is compared with stop the command on
+    Ctrl-C, as training does; their rows are not made from a half-trained rule."""
+    from hierarchy import experiment
+    from hierarchy.trainer import MetaTrainer
+
+    train = MetaTrainer.train
+
+    def interrupted(self):
+        history = train(self)
+        history.interrupted = True
+        return history
+
+    monkeypatch.setattr(MetaTrainer, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train_two_level(tiny_config("meta.epochs=1"))
