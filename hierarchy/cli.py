@@ -10,11 +10,12 @@ pretrained name, a rule file or a run folder) against tuned baselines;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
-from hierarchy.config import Config, ConfigError, load_config
+from hierarchy.config import Config, ConfigError, RuleConfig, load_config
 from hierarchy.rules import UpdateRule
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,16 @@ def run_config(config_path: str | Path, overrides: list[str]) -> int:
     if results.get("interrupted") and config is None:
         return 130
     if results.get("interrupted"):
-        if main_rank:
+        if main_rank and (Path(config.run_dir) / "checkpoint.pt").exists():
             print(
                 f"interrupted: the last checkpoint in {config.run_dir} stands; add "
                 f"resume=true to the same command to continue",
+                file=sys.stderr,
+            )
+        elif main_rank:
+            print(
+                "interrupted before the first checkpoint; run the same command "
+                "again to start afresh",
                 file=sys.stderr,
             )
         return 130
@@ -170,9 +177,16 @@ def evaluate_rule(config: Config, rule: UpdateRule, source: str) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(OmegaConf.structured(config))
     if top.depth == 2:
-        # The rule evaluated is the file's: the config.yaml written says so.
+        # The rule evaluated is the file's: the config.yaml written says so, with
+        # the defaults for what its kind does not read, so that it loads again.
         recorded = resolved["levels"][0]["rule"]
+        defaults = dataclasses.asdict(RuleConfig())
         given = {"kind": rule.kind, **rule.config()}
+        given |= {
+            key: defaults[key]
+            for key in defaults
+            if key not in given and key not in ("compile", "checkpoint")
+        }
         unused = {k: recorded[k] for k, v in given.items() if recorded.get(k) != v}
         if unused:
             logger.warning(
@@ -216,6 +230,9 @@ def evaluate_checkpoint(
     except OSError as error:
         print(f"error: cannot write the evaluation folder: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the evaluation stopped; nothing was lost", file=sys.stderr)
+        return 130
 
     print_evaluations(results, Path(config.run_dir))
     return 0

@@ -12,6 +12,7 @@ import yaml
 
 from hierarchy.checkpoint import save_rule
 from hierarchy.cli import main
+from hierarchy.config import load_config
 from hierarchy.evaluate import trajectory
 from hierarchy.experiment import run
 from hierarchy.pretrained import load_pretrained
@@ -84,18 +85,22 @@ def test_evaluate_records_the_rule_it_evaluates(
     run(config)
     monkeypatch.chdir(tmp_path)
     args = [
+        "levels.0.rule.kind=mlp",
+        "levels.0.rule.momenta=[0.5]",
         "levels.0.rule.hidden_size=7",
         "levels.0.rule.out_scale=5",
         "log_level=WARNING",
     ]
     with caplog.at_level(logging.WARNING, logger="hierarchy.cli"):
         assert main(["evaluate", config.run_dir, *args]) == 0
-    assert "{'hidden_size': 7, 'out_scale': 5.0} are not used" in caplog.text
+    assert "'hidden_size': 7, 'out_scale': 5.0, 'momenta': [0.5]}" in caplog.text
     written = yaml.safe_load(
         (tmp_path / "runs" / "evaluate-run" / "config.yaml").read_text()
     )
     rule = written["levels"][0]["rule"]
-    assert (rule["hidden_size"], rule["out_scale"]) == (4, 0.1)
+    assert (rule["kind"], rule["hidden_size"], rule["out_scale"]) == ("lstm", 4, 0.1)
+    assert rule["momenta"] == [0.9]  # the default: an LSTM does not read it
+    load_config(tmp_path / "runs" / "evaluate-run" / "config.yaml")  # loads again
 
 
 def test_evaluate_a_three_level_run_folder(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -212,11 +217,20 @@ def test_a_second_ctrl_c_exits_130_without_a_traceback(
     on, with the exit code of an interrupt, and no traceback."""
     import hierarchy.experiment
 
-    def interrupted(config):
+    def interrupted(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(hierarchy.experiment, "run", interrupted)
-    run_dir = tiny_config().run_dir
+    run_dir = Path(tiny_config().run_dir)
     assert main(["train", "two_level_quadratic", f"run_dir={run_dir}"]) == 130
     error = capsys.readouterr().err
-    assert "resume=true" in error and "Traceback" not in error
+    assert "before the first checkpoint" in error and "Traceback" not in error
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    assert main(["train", "two_level_quadratic", f"run_dir={run_dir}"]) == 130
+    assert "stands; add resume=true" in capsys.readouterr().err
+
+    monkeypatch.setattr("hierarchy.cli.evaluate_rule", interrupted)
+    assert main(["evaluate", "lstm-quadratic"]) == 130
+    error = capsys.readouterr().err
+    assert "interrupted" in error and "Traceback" not in error
