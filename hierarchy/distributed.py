@@ -62,14 +62,18 @@ def prints() -> bool:
     """Whether this process prints results and errors: rank 0 of the group it
     joined, or, before it joins one (a config error), the process torchrun
     started as RANK 0, so that a message is printed once. A process alone
-    (WORLD_SIZE unset, 1 or unreadable) prints, whatever RANK it was left."""
+    (WORLD_SIZE unset or 1) prints whatever RANK it was left, and so does one
+    whose variables torchrun would not set, as its error must be seen."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     try:
-        alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+        size, rank = (
+            int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("RANK", "0")),
+        )
     except ValueError:
-        alone = True  # an error about it is what there is to print
-    return alone or os.environ.get("RANK", "0") == "0"
+        return True  # an error about the bad variable is what there is to print
+    return size <= 1 or rank == 0 or not 0 <= rank < size
 
 
 def _launch_integer(name: str, low: int, high: int) -> int:

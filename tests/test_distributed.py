@@ -118,7 +118,14 @@ def test_setup_refuses_a_launch_variable_torchrun_would_not_set(
 
 @pytest.mark.parametrize(
     "world_size, rank, prints",
-    [(None, "1", True), ("1", "3", True), ("abc", "1", True), ("2", "1", False)],
+    [
+        (None, "1", True),
+        ("1", "3", True),
+        ("abc", "1", True),
+        ("2", "abc", True),  # the error about it must be seen
+        ("2", "5", True),
+        ("2", "1", False),
+    ],
 )
 def test_a_process_alone_prints_whatever_rank_it_was_left(
     monkeypatch, world_size: str | None, rank: str, prints: bool
