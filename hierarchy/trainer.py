@@ -604,6 +604,9 @@ class MetaTrainer:
                 f"checkpoint {self.checkpoint_path} has format "
                 f"{payload.get('format')!r}; this version reads {CHECKPOINT_FORMAT}"
             )
+        # The config's keys first: they name what changed, where the rule's
+        # shape alone can only say that something did.
+        self._check_config(payload.get("config", {}))
         rule = payload["rule"]
         expected = self.top.rule
         if rule["kind"] != expected.kind or rule["theta"].shape != expected.theta.shape:
@@ -612,7 +615,6 @@ class MetaTrainer:
                 f"{rule['theta'].numel()} weights; the config builds a "
                 f"{self.top.rule.kind!r} rule with {self.top.rule.num_params}"
             )
-        self._check_config(payload.get("config", {}))
         with torch.no_grad():
             self.top.rule.theta.copy_(rule["theta"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -642,7 +644,9 @@ def _first_difference(key: str, old: object, new: object) -> tuple[str, object, 
         for sub in [*old, *(k for k in new if k not in old)]:
             if old.get(sub) != new.get(sub):
                 return _first_difference(f"{key}.{sub}", old.get(sub), new.get(sub))
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            return f"{key} of length", len(old), len(new)
         for index, (a, b) in enumerate(zip(old, new)):
             if a != b:
                 return _first_difference(f"{key}.{index}", a, b)

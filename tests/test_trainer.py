@@ -160,9 +160,14 @@ def test_load_refuses_other_kind_of_equal_size(tiny_config, tmp_path) -> None:
 
 
 def test_load_refuses_other_rule_size(tiny_config, tmp_path: Path) -> None:
-    """Same kind but a different number of weights is refused too."""
+    """Same kind but a different number of weights is refused too: by the key
+    that changed, or, where the checkpoint records no config, by the counts."""
     _trainer(tiny_config("meta.epochs=1"), tmp_path).train()
     other = _trainer(tiny_config("levels.0.rule.hidden_size=5"), tmp_path)
+    with pytest.raises(ValueError, match="levels.0.rule.hidden_size = 4"):
+        other.load()
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({**payload, "config": {}}, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match=str(other.top.rule.num_params)):
         other.load()
 
@@ -311,13 +316,19 @@ def test_load_refuses_a_changed_structural_key(tiny_config, tmp_path: Path) -> N
     with pytest.raises(trainer_module.CheckpointError, match="task.dim = 3.* 4;"):
         changed_trainer.load()
 
-    # Within a list, the first key that differs is named, not the whole lists.
-    changed_trainer = trainer("meta.epochs=3", "levels.0.rule.preprocess_p=5")
-    with pytest.raises(
-        trainer_module.CheckpointError,
-        match="levels.0.rule.preprocess_p = 10.0, but the config now has 5.0;",
-    ):
-        changed_trainer.load()
+    # Within a list, the first key that differs is named, not the whole lists,
+    # also where the rule's shape changes.
+    for override, message in [
+        ("levels.0.rule.preprocess_p=5", "levels.0.rule.preprocess_p = 10.0, but"),
+        ("levels.0.rule.hidden_size=5", "levels.0.rule.hidden_size = 4, but"),
+        (
+            "levels=[{rule: {kind: lstm, hidden_size: 4, num_layers: 1}}, "
+            "{rule: {kind: lstm, hidden_size: 4, num_layers: 1}}]",
+            "levels of length = 1, but the config now has 2;",
+        ),
+    ]:
+        with pytest.raises(trainer_module.CheckpointError, match=message):
+            trainer("meta.epochs=3", override).load()
 
 
 def test_resuming_may_switch_the_fused_kernel_with_a_warning(
