@@ -252,9 +252,14 @@ def _apply(config: DictConfig, override: str) -> None:
         ) from None
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(config, parent) if parent else config
+    # An open mapping (a variation's task overrides) takes new keys.
+    open_mapping = isinstance(node, DictConfig) and node._metadata.object_type in (
+        None,
+        dict,
+    )
     exists = (
         isinstance(node, DictConfig)
-        and leaf in node
+        and (leaf in node or open_mapping)
         or isinstance(node, ListConfig)
         and leaf.isdigit()
         and int(leaf) < len(node)
@@ -299,6 +304,8 @@ def _check_values(
             items = list(enumerate(source))
         elif isinstance(source, DictConfig) and by_index:
             items = [(index, source[index]) for index in source]
+            if not all(isinstance(index, int) for index, _ in items):
+                return  # the caller reports a mapping where a list belongs
         else:
             return
         if dataclasses.is_dataclass(element):
@@ -328,7 +335,12 @@ def _check_values(
             continue
         if isinstance(node, (DictConfig, ListConfig)):
             kind = "a mapping" if isinstance(node, DictConfig) else "a list"
-            indexed = by_index and isinstance(value, DictConfig)
+            indexed = (
+                by_index
+                and isinstance(node, ListConfig)
+                and isinstance(value, DictConfig)
+                and all(isinstance(index, int) for index in value)
+            )
             if not isinstance(value, type(node)) and not indexed:
                 shown = (
                     OmegaConf.to_container(value)
@@ -344,6 +356,11 @@ def _check_values(
             )
         elif isinstance(node, BooleanNode):
             raw = value._value()
+            words = ("true", "false", "yes", "no", "on", "off", "y", "n")
+            if isinstance(raw, str) and raw.strip().lower() not in words:
+                raise ConfigError(
+                    f"config key {full!r} = {raw!r}: expected true or false"
+                )
             if isinstance(raw, (int, float)) and not isinstance(raw, bool):
                 raise ConfigError(
                     f"config key {full!r} = {raw!r}: expected true or false"

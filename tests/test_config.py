@@ -133,6 +133,7 @@ def test_yaml_unknown_and_mistyped_keys_name_key(tmp_path: Path) -> None:
         "meta.check_gradient=1.5",
         "levels.0.rule={compile: 3}",
         "levels=[{rule: {compile: 4}}]",
+        "levels.0.rule.compile='2'",
     ],
 )
 def test_a_number_for_a_true_or_false_key_is_refused(override: str) -> None:
@@ -274,3 +275,13 @@ def test_an_unknown_key_error_lists_the_keys_its_section_accepts(tmp_path) -> No
         load_config(path)
     with pytest.raises(ConfigError, match="'levels.0.rule.a' does not exist; the lev"):
         load_config(None, ["levels.0.rule={a: 1}"])
+
+
+def test_an_override_adds_a_key_to_a_variations_task() -> None:
+    """A variation's task is an open mapping of overrides: new keys are taken."""
+    config = load_config(
+        "configs/two_level_mnist.yaml", ["eval.variations.0.task.activation=relu"]
+    )
+    assert config.eval.variations[0].task == {"hidden": [40], "activation": "relu"}
+    with pytest.raises(ConfigError, match="'levels' = {'a': 1}: expected a list"):
+        load_config(None, ["levels={a: 1}"])
