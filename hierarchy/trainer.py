@@ -29,6 +29,7 @@ from tqdm import tqdm
 from hierarchy.config import Config
 from hierarchy.diagnostics import GradientCheck, check_meta_gradient
 from hierarchy.distributed import Context
+from hierarchy.evaluate import optimise
 from hierarchy.level import Level, Problem
 from hierarchy.unroll import Carry, start, unroll
 
@@ -430,12 +431,13 @@ class MetaTrainer:
         generator = torch.Generator().manual_seed(self.val_seed)
         problem = top.below.sample(self.val_tasks, generator, "val", top.horizon)
         problem = self.dist.share(problem, self.val_tasks)
-        # No graph is needed, and keeping the losses' would hold every step's.
-        carry = start(problem, top.rule, "first_order", keep_graph=False)
-        theta = top.rule.theta.detach()
-        meta_loss, _ = unroll(
-            top.rule, theta, problem, carry, top.horizon, "first_order", False
-        )
+        losses, _ = optimise(top.rule, problem, top.horizon)
+        # The meta-loss as an unroll sums it, in order: the losses after each
+        # update, so that validation figures stay the same to the last digit.
+        meta_loss = torch.zeros_like(losses[0])
+        for loss in losses[1:]:
+            meta_loss = meta_loss + loss
+        meta_loss = meta_loss.to(top.rule.theta.device)
         return self.dist.mean_of_rows(meta_loss, self.val_tasks) / top.horizon
 
     def train(self) -> History:
