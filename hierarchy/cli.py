@@ -147,6 +147,7 @@ def evaluate_rule(config: Config, rule: UpdateRule, source: str) -> dict:
     from hierarchy.evaluate import write_json
     from hierarchy.experiment import build, evaluate_tasks, stack_rule
     from hierarchy.logging import setup_logging
+    from hierarchy.trainer import RUNTIME_RULE_KEYS
 
     setup_logging(config.log_level)
     top, device = build(config)
@@ -185,7 +186,7 @@ def evaluate_rule(config: Config, rule: UpdateRule, source: str) -> dict:
         given |= {
             key: defaults[key]
             for key in defaults
-            if key not in given and key not in ("compile", "checkpoint")
+            if key not in given and key not in RUNTIME_RULE_KEYS
         }
         unused = {k: recorded[k] for k, v in given.items() if recorded.get(k) != v}
         if unused:

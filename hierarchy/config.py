@@ -250,26 +250,17 @@ def _apply(config: DictConfig, override: str) -> None:
             f"override {override!r}: the value {raw!r} is not valid YAML; quote "
             f"strings that hold YAML syntax, e.g. key='[a'"
         ) from None
+    # Unknown keys (of sections; an open mapping such as a variation's task takes
+    # new ones), kinds and bools, named by their full key.
+    _check_values(config, _nested(key, value), "", by_index=True)
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(config, parent) if parent else config
-    # An open mapping (a variation's task overrides) takes new keys.
-    open_mapping = isinstance(node, DictConfig) and node._metadata.object_type in (
-        None,
-        dict,
-    )
-    exists = (
-        isinstance(node, DictConfig)
-        and (leaf in node or open_mapping)
-        or isinstance(node, ListConfig)
-        and leaf.isdigit()
-        and int(leaf) < len(node)
-    )
-    if not exists:
+    in_list = isinstance(node, ListConfig) and leaf.isdigit() and int(leaf) < len(node)
+    if not (isinstance(node, DictConfig) or in_list):
         raise ConfigError(
             f"config key {key!r} does not exist; see the config's "
             f"defaults in hierarchy/config.py for the accepted keys"
         )
-    _check_values(config, _nested(key, value), "", by_index=True)
     try:
         OmegaConf.update(config, key, value, merge=True)
     except OmegaConfBaseException as error:

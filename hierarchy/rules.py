@@ -100,7 +100,7 @@ class UpdateRule(nn.Module, ABC):
         Both options give the same updates and gradients as plain ``update``; they
         change only how fast it runs and how much memory its graph keeps.
         """
-        fn = self._compiled_update() if self.compile else self.update
+        fn = self._fast_update if self.compile else self.update
         # Checkpointing drops only the rule's activations; the optimisee's graph
         # and the rule state of every step stay, so the peak falls to about half the
         # plain one on MNIST; meta.checkpoint_steps (chunked segments) reaches 0.24.
@@ -126,6 +126,21 @@ class UpdateRule(nn.Module, ABC):
         for old, value in zip(state, new):
             old.copy_(value)
         return update
+
+    def _fast_update(
+        self, theta: Tensor, grad: Tensor, state: State
+    ) -> tuple[Updates, State]:
+        """``update`` by the rule's fused kernel where one applies, else by
+        torch.compile."""
+        fused = self._fused_update(theta, grad, state)
+        return self._compiled_update()(theta, grad, state) if fused is None else fused
+
+    def _fused_update(
+        self, theta: Tensor, grad: Tensor, state: State
+    ) -> tuple[Updates, State] | None:
+        """``update`` by a fused kernel of the rule's own, or None where it has
+        none that applies (this default: none)."""
+        return None
 
     def _compiled_update(self) -> Callable:
         """torch.compile of ``update``, falling back to eager on a compile error."""
@@ -290,21 +305,11 @@ class LSTMRule(NetworkRule):
         out = _linear(x, weights["w_out"], weights["b_out"])
         return rearrange(out, "b n 1 -> b n") * self.out_scale, tuple(new_state)
 
-    def _compiled_update(self) -> Callable:
-        """The fused training step of ``hierarchy.kernels`` where it applies
-        (float32 on the CPU, one set of weights), else torch.compile of ``update``."""
-        compiled = super()._compiled_update()
-
-        def run(theta: Tensor, grad: Tensor, state: State):
-            fused = self._fused_update(theta, grad, state)
-            return compiled(theta, grad, state) if fused is None else fused
-
-        return run
-
     def _fused_update(
         self, theta: Tensor, grad: Tensor, state: State
     ) -> tuple[Updates, State] | None:
-        """``update`` by ``LSTMTrainStep``, or None where it does not apply.
+        """``update`` by ``LSTMTrainStep``, or None where it does not apply
+        (float32 on the CPU and one set of weights, see ``_kernels_for``).
 
         The state goes in and comes out as (B, D, H) views of (H, B, D) tensors,
         so that each unit's values over all coordinates of all problems are one

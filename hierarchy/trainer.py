@@ -278,7 +278,8 @@ class MetaTrainer:
             loss = meta_loss.mean()
             # Read before backward, which with checkpoint_steps reruns chunks of
             # the unroll, in reverse, and with them the levels below.
-            seen = [level.grad_norm for level in _levels(top)]
+            if self.log_grad_norms:
+                seen = [level.grad_norm for level in _levels(top)]
 
             self.optimizer.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
