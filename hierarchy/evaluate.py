@@ -21,7 +21,7 @@ from tqdm import tqdm
 from hierarchy.baselines import BASELINES
 from hierarchy.level import Problem
 from hierarchy.rules import Params, UpdateRule
-from hierarchy.unroll import start, unroll
+from hierarchy.unroll import Carry, loss_and_grad, unroll
 
 logger = logging.getLogger(__name__)
 
@@ -33,23 +33,36 @@ def optimise(
     steps: int,
     desc: str | None = None,
     theta: Tensor | None = None,
+    in_place: bool = False,
 ) -> tuple[Tensor, Params]:
     """Run ``rule`` on ``problem``: losses (steps + 1, B), step 0 first, and the
     parameters (B, D) it ends at.
 
     The rule runs at ``theta`` (its own weights by default), detached, and no graph
-    is kept beyond one step. With a ``desc`` a progress bar is shown on a terminal.
+    is kept beyond one step: by the unroll's ``update``, as meta-training runs it,
+    or with ``in_place`` by ``step_`` on a state from ``inference_state``, as
+    ``LearnedOptimizer`` runs it (faster for the LSTM, whose two paths round
+    differently). With a ``desc`` a progress bar is shown on a terminal.
     """
     # keep_graph=False: each loss is kept as a value only; keeping its graph held
     # every step's minibatch activations until the end (3.7 GB for 16 MNIST
     # networks over 200 steps).
-    carry = start(problem, rule, "first_order", keep_graph=False)
+    params = problem.init()
+    loss, grad = loss_and_grad(problem, params, 0, "first_order", keep_graph=False)
+    state = rule.inference_state(params) if in_place else rule.init_state(params)
+    carry = Carry(params, state, loss, grad, 0)
     theta = rule.theta if theta is None else theta
     theta = theta.detach().to(carry.params.device)
     losses = [carry.loss]
     quiet = True if desc is None else None  # None: a bar only on a terminal
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=quiet):
-        _, carry = unroll(rule, theta, problem, carry, 1, "first_order", False)
+        if in_place:
+            params = carry.params + rule.step_(theta, carry.grad, carry.state)
+            step = carry.step + 1
+            loss, grad = loss_and_grad(problem, params, step, "first_order", False)
+            carry = Carry(params, carry.state, loss, grad, step)
+        else:
+            _, carry = unroll(rule, theta, problem, carry, 1, "first_order", False)
         losses.append(carry.loss)
     return torch.stack(losses).cpu(), carry.params.detach()
 
@@ -63,6 +76,7 @@ def trajectory(
 ) -> Tensor:
     """Losses of ``rule`` optimising ``problem``: shape (steps + 1, B), step 0 first.
 
+    The rule runs in place (``optimise``), as a user's training loop runs it.
     ``theta`` may also hold several trained copies of the rule's weights, shape
     (K, P): each copy runs on all B problems and the curves are joined, (steps +
     1, K * B), so that means and errors are over copies and problems together.
@@ -71,7 +85,7 @@ def trajectory(
         return torch.cat(
             [trajectory(rule, problem, steps, desc, row) for row in theta], dim=1
         )
-    return optimise(rule, problem, steps, desc, theta)[0]
+    return optimise(rule, problem, steps, desc, theta, in_place=True)[0]
 
 
 def summarise(curve: Tensor, steps: Sequence[int]) -> dict[int, tuple[float, float]]:

@@ -250,4 +250,37 @@ def test_in_place_step_matches_update(kind: str, fresh: str, hidden: int) -> Non
             torch.testing.assert_close(a, b)
         state, grad = new_state, grad.roll(1, dims=1)
     if kind == "lstm" and fresh == "inference_state":
-        assert in_place[0].mT.is_contiguous()
+        assert in_place[0].permute(2, 0, 1).is_contiguous()
+
+
+@pytest.mark.parametrize("block", [4, 10**6])
+def test_lstm_in_place_step_in_parts_matches_update(block: int, monkeypatch) -> None:
+    """The eager in-place LSTM step runs the coordinates of all problems together
+    when the state merges them, problem by problem when it does not (a slice of
+    coordinates of several problems), and in blocks of coordinates either way:
+    every arrangement gives ``update``'s updates and state."""
+    import hierarchy.rules as rules
+
+    monkeypatch.setattr(rules, "_EAGER_BLOCK", block)
+    torch.manual_seed(0)
+    rule = LSTMRule(hidden_size=3).double()
+    theta = rule.theta.detach()
+    grad = torch.randn(3, 11, dtype=torch.float64) * torch.logspace(-6, 1, 11)
+    state = tuple(torch.randn_like(s) for s in rule.init_state(grad))
+    together = rule.inference_state(grad)
+    apart = rule.inference_state(grad)
+    for target, value in [*zip(together, state), *zip(apart, state)]:
+        target.copy_(value)
+    coordinates = slice(2, 9)  # (B, 7, H) views whose problems do not merge
+    with torch.no_grad():
+        expected, new_state = rule.update(theta, grad, state)
+        whole = rule.step_(theta, grad, together)
+        sliced_state = tuple(s[:, coordinates] for s in apart)
+        part = rule.step_(theta, grad[:, coordinates], sliced_state)
+    torch.testing.assert_close(whole, expected)
+    torch.testing.assert_close(part, expected[:, coordinates])
+    for merged, sliced, value, old in zip(together, apart, new_state, state):
+        torch.testing.assert_close(merged, value)
+        torch.testing.assert_close(sliced[:, coordinates], value[:, coordinates])
+        assert torch.equal(sliced[:, :2], old[:, :2])  # outside the slice: as was
+        assert torch.equal(sliced[:, 9:], old[:, 9:])

@@ -234,7 +234,8 @@ def test_carry_detach_cuts_graph_keeps_values() -> None:
         assert torch.equal(before.detach(), after)
 
 
-def test_evaluation_keeps_no_graph_of_past_losses() -> None:
+@pytest.mark.parametrize("in_place", [False, True])
+def test_evaluation_keeps_no_graph_of_past_losses(in_place: bool) -> None:
     """The losses that evaluation keeps are values: the graphs that
     produced them (every step's activations) are freed as the run goes."""
     import gc
@@ -254,7 +255,32 @@ def test_evaluation_keeps_no_graph_of_past_losses() -> None:
         return value
 
     problem.loss = recording
-    losses, _ = optimise(MLPRule(hidden_size=3).double(), problem, 5)
+    rule = MLPRule(hidden_size=3).double()
+    losses, _ = optimise(rule, problem, 5, in_place=in_place)
     # At most the loss of the step before is still referenced, by the carry.
     assert len(raw) == 6 and max(alive) <= 1
     assert losses.shape == (6, 3)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "mlp", "learned_lr"])
+def test_in_place_evaluation_follows_the_unroll(kind: str) -> None:
+    """``optimise`` with ``in_place`` (``step_``, as evaluation runs a rule) gives
+    the unroll's losses and end point: to rounding for the LSTM, whose in-place
+    step has its own layout, and exactly for rules that keep ``update``'s."""
+    from hierarchy.evaluate import optimise
+
+    torch.manual_seed(0)
+    rule = {"lstm": LSTMRule, "mlp": MLPRule}.get(kind, lambda **_: LearnedLR(0.05))(
+        hidden_size=4
+    ).double()
+    problem = _quadratic(batch=3, dim=5)
+    losses, end = optimise(rule, problem, 6)
+    calls, step_ = [], rule.step_
+    rule.step_ = lambda *args: calls.append(1) or step_(*args)
+    in_place, in_place_end = optimise(rule, problem, 6, in_place=True)
+    assert len(calls) == 6
+    if kind == "lstm":
+        torch.testing.assert_close(in_place, losses)
+        torch.testing.assert_close(in_place_end, end)
+    else:
+        assert torch.equal(in_place, losses) and torch.equal(in_place_end, end)
