@@ -17,7 +17,10 @@ learning rate) measured in the same process, interleaved with the library:
 4. Peak memory of meta-training against truncation and optimisee steps, and with
    rule checkpointing or chunked segments (``meta.checkpoint_steps``), for the
    eager and the fused rule, each point a fresh process (``epoch_cost.py``).
-5. Evaluation: time to tune all four baselines on the grid and run them.
+5. Evaluation: time to tune all four baselines on the grid and run them, and the
+   learned rule's time per step on the 16 held-out MNIST networks of an
+   evaluation, run in place as evaluation runs it, against its out-of-place
+   ``update`` and the reference one network at a time.
 
     python benchmarks/performance.py [--quick] [--out benchmarks/results/performance]
 """
@@ -25,6 +28,7 @@ learning rate) measured in the same process, interleaved with the library:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -36,12 +40,12 @@ from pathlib import Path
 
 import torch
 from epoch_cost import CONFIGS, in_subprocess
-from reference import ReferenceLSTM, reference_epoch
+from reference import ReferenceLSTM, reference_epoch, reference_run
 from torch import Tensor, nn
 
 from hierarchy.baselines import BASELINES, tune_learning_rate
 from hierarchy.config import load_config
-from hierarchy.evaluate import trajectory
+from hierarchy.evaluate import optimise, trajectory
 from hierarchy.experiment import build
 from hierarchy.optim import LearnedOptimizer
 from hierarchy.rules import LSTMRule
@@ -385,6 +389,44 @@ def evaluation(quick: bool, repeats: int) -> dict:
     }
 
 
+def learned_evaluation(
+    quick: bool, repeats: int, threads: int, compile_rule: bool = True
+) -> dict:
+    """Seconds per step of a learned LSTM optimising the held-out MNIST networks of
+    an evaluation at once: in place (``step_``, as evaluation runs it), eager and
+    compiled (eager with ``compile_rule=False``, in tests), against the unroll's
+    out-of-place ``update`` and the plain reference one network at a time."""
+    torch.set_num_threads(threads)
+    config = load_config(CONFIGS / "two_level_mnist.yaml", ["wandb.mode=disabled"])
+    top, _ = build(config)
+    torch.set_num_threads(threads)
+    tasks = 2 if quick else config.eval.tasks
+    steps = 2 if quick else 20
+    rule = top.rule
+    compiled = copy.deepcopy(rule)
+    compiled.compile = compile_rule
+    problem = top.below.sample(tasks, torch.Generator().manual_seed(3), "test", steps)
+    ref = ReferenceLSTM.from_rule(rule)
+
+    runs = {
+        "reference": lambda: reference_run(ref, problem, steps),
+        "update": lambda: optimise(rule, problem, steps),
+        "library": lambda: trajectory(rule, problem, steps),
+        "library, compiled rule": lambda: trajectory(compiled, problem, steps),
+    }
+    runs["library, compiled rule"]()  # builds the kernel
+    seconds = {k: v / steps for k, v in medians(runs, repeats).items()}
+    return {
+        "networks": tasks,
+        "coordinates": tasks * top.below.dim,
+        "steps": steps,
+        "threads": threads,
+        "repeats": repeats,
+        "seconds_per_step": seconds,
+        "speedup": {k: seconds["reference"] / v for k, v in seconds.items()},
+    }
+
+
 def machine() -> dict:
     """Where the figures come from."""
     return {
@@ -429,6 +471,14 @@ def markdown(results: dict) -> str:
     lines.append(
         f"| evaluation: tune and run 4 baselines, s | {e['seconds']['reference']:.3g}"
         f" | {e['seconds']['library']:.3g} | | {e['speedup']['library']:.2f}x |"
+    )
+    r = results["learned_evaluation"]
+    s, x = r["seconds_per_step"], r["speedup"]
+    lines.append(
+        f"| evaluation: learned rule on {r['networks']} MNIST networks, s per step "
+        f"(out of place {s['update']:.3g}) | {s['reference']:.3g} | "
+        f"{s['library']:.3g} | {s['library, compiled rule']:.3g} | "
+        f"{x['library']:.2f}x / {x['library, compiled rule']:.2f}x |"
     )
     lines += [
         "",
@@ -514,6 +564,12 @@ def main() -> None:
     torch.set_num_threads(1)
     results["evaluation"] = evaluation(quick, repeats)
     print("evaluation", results["evaluation"]["seconds"], flush=True)
+    results["learned_evaluation"] = learned_evaluation(quick, repeats, threads)
+    print(
+        "learned evaluation",
+        results["learned_evaluation"]["seconds_per_step"],
+        flush=True,
+    )
     results["memory"] = memory(quick, threads)
     results["machine"]["load_average_after"] = os.getloadavg()
 

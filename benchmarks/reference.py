@@ -9,7 +9,8 @@ at the task's flat parameters through ``torch.func.functional_call``, plain
 autograd, truncated backpropagation with the same horizon and truncation, and one
 step of the top optimiser per segment on the mean meta-loss of all tasks (the
 gradients of each task's segment are accumulated). The meta-gradient is the
-library's; only the way it is computed differs.
+library's; only the way it is computed differs. ``reference_run`` evaluates a
+trained reference the same plain way: one task at a time, no graph kept.
 """
 
 from __future__ import annotations
@@ -128,6 +129,15 @@ def task_loss(problem: Problem, module: nn.Module, b: int) -> callable:
     raise TypeError(f"no reference loss for {type(problem).__name__}")
 
 
+def _module_and_losses(problem: Problem) -> list[callable]:
+    """Each task's loss at flat parameters and a step, through one shared module."""
+    if isinstance(problem, QuadraticProblem):
+        module: nn.Module = QuadraticModule(problem.init().shape[1])
+    else:
+        module = mlp_module(problem)
+    return [task_loss(problem, module, b) for b in range(len(problem.init()))]
+
+
 def reference_epoch(
     rule: ReferenceLSTM,
     optimizer: torch.optim.Optimizer,
@@ -143,11 +153,7 @@ def reference_epoch(
     """
     x0 = problem.init()
     count = len(x0)
-    if isinstance(problem, QuadraticProblem):
-        module: nn.Module = QuadraticModule(x0.shape[1])
-    else:
-        module = mlp_module(problem)
-    losses = [task_loss(problem, module, b) for b in range(count)]
+    losses = _module_and_losses(problem)
     carries = []
     for b in range(count):
         params = x0[b].clone().requires_grad_(True)
@@ -173,3 +179,25 @@ def reference_epoch(
             carries[b] = (params.detach(), state, grad.detach(), step)
         optimizer.step()
     return total / horizon
+
+
+def reference_run(rule: ReferenceLSTM, problem: Problem, steps: int) -> Tensor:
+    """Losses (steps + 1, B) of ``rule`` optimising each task of ``problem`` in
+    turn for ``steps`` steps, as evaluation runs a trained optimiser: the
+    gradient by autograd, the update with no graph."""
+    x0 = problem.init()
+    curves = []
+    for b, loss_at in enumerate(_module_and_losses(problem)):
+        params, state, curve = x0[b].clone(), rule.init_state(x0[b]), []
+        for step in range(steps + 1):
+            leaf = params.requires_grad_(True)
+            loss = loss_at(leaf, step)
+            (grad,) = torch.autograd.grad(loss, leaf)
+            curve.append(loss.detach())
+            if step == steps:
+                break
+            with torch.no_grad():
+                update, state = rule(grad, state)
+                params = params.detach() + update
+        curves.append(torch.stack(curve))
+    return torch.stack(curves, dim=1)

@@ -43,6 +43,14 @@ def test_harness_pieces_on_tiny_sizes() -> None:
     memory = {"by_truncation": [], "by_horizon": [], "checkpoint": []}
     evaluation = performance.evaluation(quick=True, repeats=1)
     assert evaluation["seconds"]["library"] > 0
+    learned = performance.learned_evaluation(True, 1, 1, compile_rule=False)
+    assert set(learned["seconds_per_step"]) == {
+        "reference",
+        "update",
+        "library",
+        "library, compiled rule",
+    }
+    assert all(v > 0 for v in learned["seconds_per_step"].values())
     torch.set_num_threads(threads)
     table = performance.markdown(
         {
@@ -51,10 +59,12 @@ def test_harness_pieces_on_tiny_sizes() -> None:
             "quadratic": quadratic,
             "optimiser_step": [step],
             "evaluation": evaluation,
+            "learned_evaluation": learned,
             "memory": memory,
         }
     )
     assert "| 144 |" in table
+    assert "learned rule on 2 MNIST networks" in table
 
 
 def test_checkpointing_times_come_from_one_process() -> None:

@@ -24,7 +24,7 @@ from tasks.mnist import MNISTTask
 from tasks.quadratic import QuadraticTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from reference import ReferenceLSTM, reference_epoch  # noqa: E402
+from reference import ReferenceLSTM, reference_epoch, reference_run  # noqa: E402
 
 
 def _mnist() -> MNISTTask:
@@ -79,21 +79,39 @@ def test_lstm_rule_updates_match_reference_cells() -> None:
             torch.testing.assert_close(state[-2][0], ref_state[-1][0])
 
 
-@pytest.mark.parametrize("task_name", ["quadratic", "mnist"])
-def test_meta_gradient_matches_reference(task_name: str) -> None:
-    """Batched library unroll and one-task-at-a-time reference agree."""
+def _double_problem(task_name: str, split: str = "train"):
+    """Three problems of 5 steps of a small quadratic or MLP task, in float64."""
     task = QuadraticTask(4) if task_name == "quadratic" else _mnist()
-    problem = task.sample(3, torch.Generator().manual_seed(1), "train", 5)
+    problem = task.sample(3, torch.Generator().manual_seed(1), split, 5)
     if task_name == "quadratic":
         problem.w, problem.y, problem.x0 = (
             t.double() for t in (problem.w, problem.y, problem.x0)
         )
     else:
         problem.x0, problem.images = problem.x0.double(), problem.images.double()
+    return problem
+
+
+@pytest.mark.parametrize("task_name", ["quadratic", "mnist"])
+def test_meta_gradient_matches_reference(task_name: str) -> None:
+    """Batched library unroll and one-task-at-a-time reference agree."""
+    problem = _double_problem(task_name)
     rule = _rule()
     library = _meta_gradient(rule, problem, 5)
     torch.testing.assert_close(library, _reference_gradient(rule, problem, 5))
     assert library.abs().sum() > 0
+
+
+@pytest.mark.parametrize("task_name", ["quadratic", "mnist"])
+def test_in_place_evaluation_matches_reference_run(task_name: str) -> None:
+    """Evaluation's in-place run of the LSTM on all problems at once gives the
+    losses of the plain reference run one problem at a time."""
+    problem = _double_problem(task_name, "test")
+    rule = _rule()
+    expected = reference_run(ReferenceLSTM.from_rule(rule).double(), problem, 5)
+    curve = trajectory(rule, problem, 5)
+    torch.testing.assert_close(curve, expected)
+    assert not torch.equal(curve[-1], curve[0])  # the rule moved the parameters
 
 
 @pytest.mark.parametrize("task_name", ["quadratic", "mnist", "three levels"])
