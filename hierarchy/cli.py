@@ -161,7 +161,10 @@ def evaluate_rule(config: Config, rule: UpdateRule, source: str) -> dict:
     )
     name = "learned"
     if top.depth == 2:
+        # The file's rule, run as the config asks (``compile``, ``checkpoint``).
         evaluated, theta = rule, rule.theta.detach().to(device)
+        for key in RUNTIME_RULE_KEYS:
+            setattr(evaluated, key, getattr(config.levels[0].rule, key))
     elif (top.rule.kind, top.rule.config()) != (rule.kind, rule.config()):
         raise CheckpointError(
             f"{source} holds a {rule.kind!r} rule {rule.config()}; the top level of "

@@ -361,8 +361,9 @@ class LSTMRule(NetworkRule):
         buffer, its gates into another, and the activations, c and h are written
         over those buffers and the state; no temporaries the size of the gates.
 
-        A state from ``inference_state`` runs all problems as one set of
-        coordinates; a state in another layout runs problem by problem. A
+        The coordinates of all problems run as one set when the state's (B, D)
+        dimensions merge (``inference_state``'s layout does; a slice of the
+        coordinates of several problems does not, and runs problem by problem). A
         compiled rule (``compile``) runs the fused C++ kernel of
         ``hierarchy.kernels`` for float32 on the CPU and its compiled ``update``
         on other devices. On the CPU without the kernel (float64, or no compiler)

@@ -59,6 +59,27 @@ def test_evaluate_a_pretrained_rule_with_its_recorded_config(
     assert learned == pytest.approx(expected.double().mean(dim=1).tolist(), rel=1e-6)
 
 
+def test_evaluate_runs_the_rule_as_the_config_asks(tmp_path: Path, monkeypatch):
+    """`levels.0.rule.compile=true` compiles the file's rule for evaluation (the
+    fused kernel on the CPU), as the config.yaml written records."""
+    import hierarchy.experiment as experiment
+
+    seen, evaluate_tasks = [], experiment.evaluate_tasks
+
+    def spy(config, device, learned, run_dir):
+        seen.extend((rule.compile, rule.checkpoint) for rule, _ in learned.values())
+        return evaluate_tasks(config, device, learned, run_dir)
+
+    monkeypatch.setattr(experiment, "evaluate_tasks", spy)
+    monkeypatch.chdir(tmp_path)
+    overrides = [*TINY_EVAL, "levels.0.rule.compile=true"]
+    assert main(["evaluate", "lstm-quadratic", *overrides]) == 0
+    assert main(["evaluate", "lstm-quadratic", *TINY_EVAL, "run_dir=plain"]) == 0
+    assert seen == [(True, False), (False, False)]
+    written = _results(tmp_path / "runs" / "evaluate-lstm-quadratic")["config"]
+    assert written["levels"][0]["rule"]["compile"] is True
+
+
 def test_evaluate_a_run_folder_repeats_the_runs_evaluation(
     tiny_config, tmp_path: Path, monkeypatch
 ) -> None:
