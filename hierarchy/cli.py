@@ -359,12 +359,12 @@ def config_file(name: str) -> Path:
     """The YAML file ``name`` names: a path that exists, else a shipped config in
     configs/ by its name (``two_level_mnist``, with or without .yaml)."""
     path = Path(name)
-    if path.exists():
-        return path
+    if path.exists() or path.parent != Path("."):
+        return path  # load_config says if it does not exist
     for shipped in (CONFIGS / path.name, CONFIGS / f"{path.name}.yaml"):
-        if path.parent == Path(".") and shipped.is_file():
+        if shipped.is_file():
             return shipped
-    return path  # load_config says it does not exist
+    return path
 
 
 if __name__ == "__main__":

@@ -348,11 +348,11 @@ def _check_values(
         elif isinstance(node, BooleanNode):
             raw = value._value()
             words = ("true", "false", "yes", "no", "on", "off", "y", "n")
-            if isinstance(raw, str) and raw.strip().lower() not in words:
-                raise ConfigError(
-                    f"config key {full!r} = {raw!r}: expected true or false"
-                )
-            if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            if isinstance(raw, str):
+                wrong = raw.strip().lower() not in words
+            else:
+                wrong = isinstance(raw, (int, float)) and not isinstance(raw, bool)
+            if wrong:
                 raise ConfigError(
                     f"config key {full!r} = {raw!r}: expected true or false"
                 )

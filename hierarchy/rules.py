@@ -381,11 +381,15 @@ class LSTMRule(NetworkRule):
         if kernel is None:
             # In blocks whose gates stay in the cache: one pass over all
             # coordinates of 16 MNIST networks ran 1.4x slower.
+            weights = self.unflatten(theta)
             for features, rows, out in parts:
                 for at in range(0, len(features), _EAGER_BLOCK):
                     block = slice(at, at + _EAGER_BLOCK)
                     self._rows_step_(
-                        theta, features[block], [r[:, block] for r in rows], out[block]
+                        weights,
+                        features[block],
+                        [r[:, block] for r in rows],
+                        out[block],
                     )
             return updates.mul_(self.out_scale)
 
@@ -398,20 +402,44 @@ class LSTMRule(NetworkRule):
                 "the LSTM state was made under torch.inference_mode and is stepped "
                 "outside it; step it under inference_mode, or start a fresh state"
             )
-        for features, rows, out in parts:
-            self._kernel_rows_step_(kernel, theta, features, rows, out)
+        # The kernel's weights are derived again whenever theta's values change
+        # (compared in full: a few thousand numbers, and an edit through .data
+        # leaves no other trace).
+        cached = getattr(self, "_kernel_weights", None)
+        if cached is None or not torch.equal(cached[0], theta):
+            frozen = theta.detach().clone()
+            derived = kernel_weights(
+                self.unflatten(frozen), self.num_layers, self.hidden_size
+            )
+            cached = self._kernel_weights = (frozen, *derived)
+        _, matrices, biases, head, head_bias = cached
+        for grad_rows, rows, out in parts:
+            kernel.lstm_step(
+                preprocess(grad_rows, self.preprocess_p, dim=0).contiguous(),
+                rows[0::2],
+                rows[1::2],
+                matrices,
+                biases,
+                head,
+                head_bias,
+                self.out_scale,
+                out,
+            )
         for s in state:
             if not s.is_inference():
                 torch.autograd.graph.increment_version(s)
         return updates
 
     def _rows_step_(
-        self, theta: Tensor, grad: Tensor, rows: list[Tensor], updates: Tensor
+        self,
+        weights: dict[str, Tensor],
+        grad: Tensor,
+        rows: list[Tensor],
+        updates: Tensor,
     ) -> None:
-        """The eager in-place step over N coordinates: ``grad`` (N,), the state as
-        (H, N) rows (h and c of each layer), the updates (before ``out_scale``)
-        written into ``updates`` (N,)."""
-        weights = self.unflatten(theta)
+        """The eager in-place step over N coordinates at ``unflatten``'s weights:
+        ``grad`` (N,), the state as (H, N) rows (h and c of each layer), the
+        updates (before ``out_scale``) written into ``updates`` (N,)."""
         hidden, coordinates = self.hidden_size, grad.shape[-1]
         inputs = grad.new_empty(max(2, hidden) + hidden, coordinates)
         gates = grad.new_empty(4 * hidden, coordinates)
@@ -442,39 +470,6 @@ class LSTMRule(NetworkRule):
             weights["w_out"].T,
             x,
             out=updates.unsqueeze(0),
-        )
-
-    def _kernel_rows_step_(
-        self,
-        kernel: ModuleType,
-        theta: Tensor,
-        grad: Tensor,
-        rows: list[Tensor],
-        updates: Tensor,
-    ) -> None:
-        """``_rows_step_`` by the fused kernel, ``out_scale`` included."""
-        # The kernel's weights are derived again whenever theta's values change
-        # (compared in full: a few thousand numbers, and an edit through .data
-        # leaves no other trace).
-        cached = getattr(self, "_kernel_weights", None)
-        if cached is None or not torch.equal(cached[0], theta):
-            frozen = theta.detach().clone()
-            weights = self.unflatten(frozen)
-            derived = kernel_weights(weights, self.num_layers, self.hidden_size)
-            cached = self._kernel_weights = (frozen, *derived)
-        _, matrices, biases, head, head_bias = cached
-
-        features = preprocess(grad, self.preprocess_p, dim=0).contiguous()
-        kernel.lstm_step(
-            features,
-            rows[0::2],
-            rows[1::2],
-            matrices,
-            biases,
-            head,
-            head_bias,
-            self.out_scale,
-            updates,
         )
 
 
