@@ -56,13 +56,9 @@ def optimise(
     losses = [carry.loss]
     quiet = True if desc is None else None  # None: a bar only on a terminal
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=quiet):
-        if in_place:
-            params = carry.params + rule.step_(theta, carry.grad, carry.state)
-            step = carry.step + 1
-            loss, grad = loss_and_grad(problem, params, step, "first_order", False)
-            carry = Carry(params, carry.state, loss, grad, step)
-        else:
-            _, carry = unroll(rule, theta, problem, carry, 1, "first_order", False)
+        _, carry = unroll(
+            rule, theta, problem, carry, 1, "first_order", False, in_place
+        )
         losses.append(carry.loss)
     return torch.stack(losses).cpu(), carry.params.detach()
 

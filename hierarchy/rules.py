@@ -108,6 +108,13 @@ class UpdateRule(nn.Module, ABC):
             return checkpoint(fn, theta, grad, state, use_reentrant=False)
         return fn(theta, grad, state)
 
+    @property
+    def steps_faster_in_place(self) -> bool:
+        """Whether ``step_`` runs faster than ``step`` where no graph is kept, so
+        that a pass without one (chunked segments' first) should take it. Not
+        this version's, which is ``step`` plus a copy."""
+        return False
+
     def inference_state(self, params: Params) -> State:
         """Fresh state for ``step_``: ``init_state``'s values, in whatever memory
         layout ``step_`` runs fastest on."""
@@ -345,6 +352,13 @@ class LSTMRule(NetworkRule):
             t.view(hidden, batch, coordinates).permute(1, 2, 0) for t in new
         )
         return updates.view(batch, coordinates), new_state
+
+    @property
+    def steps_faster_in_place(self) -> bool:
+        # Eagerly, step_ takes half the time of update on an MNIST network (3.6
+        # against 12 ms). The fused training step's forward is as fast as the
+        # fused step_ there, and a pass in place also copies its starting state.
+        return not self.compile
 
     def inference_state(self, params: Params) -> State:
         # Unit-major: each (B, D, H) state is a view of a contiguous (H, B, D), the

@@ -330,7 +330,10 @@ class MetaTrainer:
 
         Only the carry at each chunk's start is kept through the forward pass, so
         the peak holds one chunk's graph instead of the segment's, for about one
-        more forward pass of time. The meta-gradient is the same.
+        more forward pass of time. That pass keeps no graph, so a rule whose
+        in-place inference step is faster (the eager LSTM) runs it there: the
+        chunks rebuilt in backward then start from carries that match their own
+        ends to float rounding. The meta-gradient is the same to that rounding.
         """
         top = self.top
         if self.checkpoint_steps is None or self.checkpoint_steps >= steps:
@@ -349,9 +352,16 @@ class MetaTrainer:
             def run(
                 theta: Tensor, *flat: Tensor, chunk: int = chunk, step: int = carry.step
             ) -> tuple:
-                state = Carry(flat[0], flat[3:], flat[1], flat[2], step)
+                # The pass without a graph steps the rule in place where that is
+                # faster, on a copy of the chunk's starting state (the carry stays).
+                rule, state = top.rule, flat[3:]
+                in_place = rule.steps_faster_in_place and not torch.is_grad_enabled()
+                if in_place:
+                    state = _copy_into(rule.inference_state(flat[0]), state)
+                start = Carry(flat[0], state, flat[1], flat[2], step)
+                mode, keep = top.mode, top.keep_graph
                 loss, end = unroll(
-                    top.rule, theta, problem, state, chunk, top.mode, top.keep_graph
+                    rule, theta, problem, start, chunk, mode, keep, in_place
                 )
                 return (loss, end.params, end.loss, end.grad, *end.state)
 
@@ -654,6 +664,14 @@ def _first_difference(key: str, old: object, new: object) -> tuple[str, object, 
             if a != b:
                 return _first_difference(f"{key}.{index}", a, b)
     return key, old, new
+
+
+def _copy_into(fresh: tuple[Tensor, ...], state: tuple[Tensor, ...]) -> tuple:
+    """``state``'s values written into ``fresh`` (a rule's new state, in the
+    layout its in-place step wants), which is returned."""
+    for into, value in zip(fresh, state, strict=True):
+        into.copy_(value)
+    return fresh
 
 
 def _levels(top: Level) -> list[Level]:

@@ -98,19 +98,26 @@ def unroll(
     steps: int,
     mode: str,
     keep_graph: bool = True,
+    in_place: bool = False,
 ) -> tuple[Tensor, Carry]:
     """Run ``steps`` updates of ``rule`` at weights ``theta`` from ``carry``.
 
     Returns the meta-loss of this stretch, the sum of the losses after each update
     with weight 1 as in the paper, shape (B,), and the carry at its end.
-    ``keep_graph`` is as in ``loss_and_grad``.
+    ``keep_graph`` is as in ``loss_and_grad``. With ``in_place`` the rule runs
+    its inference step ``step_``, which keeps no graph and advances the carry's
+    state in place: for use under ``torch.no_grad`` on a state the caller owns
+    (faster for the LSTM, to float rounding the same values).
     """
     meta_loss = torch.zeros_like(carry.loss)
     params, state, grad = carry.params, carry.state, carry.grad
     loss = carry.loss
 
     for step in range(carry.step + 1, carry.step + steps + 1):
-        update, state = rule.step(theta, grad, state)
+        if in_place:
+            update = rule.step_(theta, grad, state)
+        else:
+            update, state = rule.step(theta, grad, state)
         params = params + update
         loss, grad = loss_and_grad(problem, params, step, mode, keep_graph)
         meta_loss = meta_loss + loss

@@ -257,7 +257,8 @@ def test_repeat_matches_the_generic_copies(task_name: str) -> None:
 )
 def test_chunked_segments_give_the_plain_meta_gradient(tiny_config, mode, task):
     """meta.checkpoint_steps rebuilds chunks of a segment in backward: the same
-    training, to float rounding, as keeping the whole segment's graph."""
+    training, to float rounding, as keeping the whole segment's graph. The pass
+    without a graph steps the (eager) LSTM in place, every step once."""
     from hierarchy.experiment import build
     from hierarchy.trainer import MetaTrainer
 
@@ -267,10 +268,13 @@ def test_chunked_segments_give_the_plain_meta_gradient(tiny_config, mode, task):
             f"meta.checkpoint_steps={chunk}", f"levels.0.mode={mode}", *task
         )
         top, _ = build(config)
+        calls, step_ = [], top.rule.step_
+        top.rule.step_ = lambda *args: calls.append(1) or step_(*args)
         trainer = MetaTrainer.from_config(top, config)
         for _ in range(3):
             trainer.train_epoch()
         thetas.append(top.rule.theta.detach().clone())
+        assert len(calls) == (0 if chunk == "null" else 3 * top.horizon)
     for theta in thetas[1:]:
         torch.testing.assert_close(theta, thetas[0], rtol=1e-5, atol=1e-6)
     assert not torch.equal(thetas[0], build(tiny_config(*task))[0].rule.theta)
