@@ -327,31 +327,21 @@ class LSTMRule(NetworkRule):
             return None
 
         batch, coordinates = grad.shape
-        count, hidden = batch * coordinates, self.hidden_size
+        count = batch * coordinates
         if grad.requires_grad and torch.is_grad_enabled():  # a second-order unroll
             features = preprocess(grad, self.preprocess_p, dim=0).reshape(2, count)
         else:  # preprocessed inside the kernel
             features = grad.reshape(1, count).contiguous()
-        rows = []
-        for s in state:
-            units = s.permute(2, 0, 1).reshape(hidden, count)
-            rows_apart = hidden == 1 or units.stride(0) >= count  # not broadcast
-            if not (rows_apart and (count == 1 or units.stride(1) == 1)):
-                units = units.clone(memory_format=torch.contiguous_format)
-            rows.append(units)
-        updates, *new = LSTMTrainStep.apply(
+        updates, *new_state = LSTMTrainStep.apply(
             kernel,
             self.unflatten,
             self.out_scale,
             self.preprocess_p,
             theta,
             features,
-            *rows,
+            *state,
         )
-        new_state = tuple(
-            t.view(hidden, batch, coordinates).permute(1, 2, 0) for t in new
-        )
-        return updates.view(batch, coordinates), new_state
+        return updates, tuple(new_state)
 
     @property
     def steps_faster_in_place(self) -> bool:

@@ -132,6 +132,9 @@ class LSTMTrainStep(torch.autograd.Function):
         *state: Tensor,
     ) -> tuple[Tensor, ...]:
         depth = len(state) // 2
+        batch, coordinates, hidden = state[0].shape
+        count = batch * coordinates
+        state = tuple(_unit_rows(s, hidden, count) for s in state)
         weights = unflatten(theta)
         out = kernel.lstm_train_forward(
             features,
@@ -154,8 +157,13 @@ class LSTMTrainStep(torch.autograd.Function):
         )
         ctx.kernel, ctx.unflatten = kernel, unflatten
         ctx.scale, ctx.preprocess_p, ctx.depth = scale, preprocess_p, depth
+        ctx.shape = (batch, coordinates)
         ctx.set_materialize_grads(False)
-        return (updates, *_interleave(h_new, c_new))
+        shape = (hidden, batch, coordinates)
+        return (
+            updates.view(batch, coordinates),
+            *(t.view(shape).permute(1, 2, 0) for t in _interleave(h_new, c_new)),
+        )
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -168,11 +176,14 @@ class LSTMTrainStep(torch.autograd.Function):
         theta, features, *saved = ctx.saved_tensors
         state, saved = saved[: 2 * depth], saved[2 * depth :]
         h_new, c_new, acts = saved[:depth], saved[depth : 2 * depth], saved[2 * depth :]
+        count = features.shape[1]
         if grad_updates is None:
-            grad_updates = features.new_zeros(features.shape[1])
-        grad_updates = grad_updates.contiguous()  # a sum's gradient is broadcast
+            grad_updates = features.new_zeros(count)
+        grad_updates = grad_updates.reshape(count).contiguous()  # may be broadcast
         none = features.new_empty(0)
-        grads = [none if g is None else g.contiguous() for g in grads]
+        hidden = state[0].shape[0]
+        grads = [none if g is None else _unit_rows(g, hidden, count) for g in grads]
+        batch, coordinates = ctx.shape
 
         grad_theta = torch.empty_like(theta)  # every entry is written below
         views = ctx.unflatten(grad_theta)
@@ -198,6 +209,7 @@ class LSTMTrainStep(torch.autograd.Function):
             ctx.preprocess_p,
         )
         grad_features, grad_h, grad_c = out[0], out[1 : 1 + depth], out[1 + depth :]
+        shape = (hidden, batch, coordinates)
         return (
             None,
             None,
@@ -205,8 +217,18 @@ class LSTMTrainStep(torch.autograd.Function):
             None,
             grad_theta,
             grad_features,
-            *_interleave(grad_h, grad_c),
+            *(g.view(shape).permute(1, 2, 0) for g in _interleave(grad_h, grad_c)),
         )
+
+
+def _unit_rows(state: Tensor, hidden: int, count: int) -> Tensor:
+    """A (B, D, H) state (or its gradient) as the kernels' (H, B * D) rows: a view
+    where each row is contiguous and rows do not overlap, else a copy."""
+    rows = state.permute(2, 0, 1).reshape(hidden, count)
+    apart = hidden == 1 or rows.stride(0) >= count  # not broadcast
+    if not (apart and (count == 1 or rows.stride(1) == 1)):
+        rows = rows.clone(memory_format=torch.contiguous_format)
+    return rows
 
 
 def _interleave(h: list[Tensor], c: list[Tensor]) -> list[Tensor]:
