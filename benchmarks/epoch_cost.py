@@ -6,6 +6,8 @@ what it held before training (on Linux the high-water mark is reset first, so
 that loading the data does not hide it); on CUDA it is torch's peak allocation.
 No warm-up epoch runs first: it would raise the high-water mark the epochs are
 compared with. The time is the median over the epochs, the peak is over all of them.
+``in_subprocess(..., live=True)`` measures the peak of the tensors alive instead,
+without what glibc's heap keeps after frees (``LIVE_TUNABLE``).
 
     python benchmarks/epoch_cost.py EPOCHS CONFIG [key=value ...]  # one JSON line
 """
@@ -13,6 +15,7 @@ compared with. The time is the median over the epochs, the peak is over all of t
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -95,13 +98,30 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def in_subprocess(config_path: Path, overrides: list[str], epochs: int = 1) -> dict:
-    """``measure`` in a fresh Python process; its result."""
+# glibc keeps freed memory in its heap and hands it out again, so the resident
+# memory's high-water mark also counts what fragmentation holds. With its mmap
+# threshold fixed at 256 KiB, every block that large (every tensor of 64 Ki
+# floats or more) is a mapping of its own, returned to the system when freed:
+# the high-water mark then follows the tensors alive. Slower (each such tensor's
+# pages fault in afresh), so its times are not compared.
+LIVE_TUNABLE = "glibc.malloc.mmap_threshold=262144"
+
+
+def in_subprocess(
+    config_path: Path, overrides: list[str], epochs: int = 1, live: bool = False
+) -> dict:
+    """``measure`` in a fresh Python process; its result. With ``live``, under
+    ``LIVE_TUNABLE`` (glibc only; elsewhere it reads as without)."""
+    env = dict(os.environ)
+    if live:
+        tunables = [env.get("GLIBC_TUNABLES"), LIVE_TUNABLE]
+        env["GLIBC_TUNABLES"] = ":".join(t for t in tunables if t)
     out = subprocess.run(
         [sys.executable, __file__, str(epochs), str(config_path), *overrides],
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

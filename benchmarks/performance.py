@@ -16,7 +16,9 @@ learning rate) measured in the same process, interleaved with the library:
    the rule's matmul FLOP/s against torch.mm at its shapes.
 4. Peak memory of meta-training against truncation and optimisee steps, and with
    rule checkpointing or chunked segments (``meta.checkpoint_steps``), for the
-   eager and the fused rule, each point a fresh process (``epoch_cost.py``).
+   eager and the fused rule, each point a fresh process (``epoch_cost.py``); for
+   the checkpointing points also the peak of the tensors alive, without what
+   the C library's heap keeps after frees.
 5. Evaluation: time to tune all four baselines on the grid and run them, and the
    learned rule's time per step on the 16 held-out MNIST networks of an
    evaluation, run in place as evaluation runs it, against its out-of-place
@@ -277,18 +279,21 @@ def memory(quick: bool, threads: int) -> dict:
         rule: str = "eager",
         checkpoint: str = "off",
         epochs: int = 1,
+        live: bool = False,
     ) -> dict:
-        row = in_subprocess(
-            CONFIGS / "two_level_mnist.yaml",
-            [
-                *common,
-                *RULES[rule],
-                *CHECKPOINTING[checkpoint],
-                f"levels.0.horizon={horizon}",
-                f"meta.truncation={truncation}",
-            ],
-            epochs,
-        )
+        overrides = [
+            *common,
+            *RULES[rule],
+            *CHECKPOINTING[checkpoint],
+            f"levels.0.horizon={horizon}",
+            f"meta.truncation={truncation}",
+        ]
+        row = in_subprocess(CONFIGS / "two_level_mnist.yaml", overrides, epochs)
+        if live:
+            alive = in_subprocess(
+                CONFIGS / "two_level_mnist.yaml", overrides, epochs, True
+            )
+            row["live_peak_mib"] = alive["peak_mib"]
         return {
             "horizon": horizon,
             "truncation": truncation,
@@ -302,7 +307,7 @@ def memory(quick: bool, threads: int) -> dict:
     horizon = 20 if quick else 100
     repeats = 1 if quick else 3
     checkpoint = [
-        point(horizon, trunc, rule, way, repeats)
+        point(horizon, trunc, rule, way, repeats, live=True)
         for rule in RULES
         for way in CHECKPOINTING
     ]
@@ -313,6 +318,7 @@ def memory(quick: bool, threads: int) -> dict:
             row["interleaved_seconds"] = seconds[way]
             row["time_vs_off"] = seconds[way] / seconds["off"]
             row["memory_vs_off"] = row["peak_mib"] / rows["off"]["peak_mib"]
+            row["live_vs_off"] = row["live_peak_mib"] / rows["off"]["live_peak_mib"]
     return {
         "by_truncation": [point(longest, t) for t in truncations],
         "by_horizon": [point(h, trunc) for h in horizons],
@@ -518,13 +524,15 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         "| rule | checkpointing | peak growth, MiB | memory / off "
+        "| tensors alive, MiB | alive / off "
         "| s/epoch, interleaved | time / off |",
-        "|---|---|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in m["checkpoint"]:
         lines.append(
             f"| {row['rule']} | {row['checkpoint']} | {row['peak_mib']:.0f} | "
-            f"{row['memory_vs_off']:.3f} | {row['interleaved_seconds']:.2f} | "
+            f"{row['memory_vs_off']:.3f} | {row['live_peak_mib']:.0f} | "
+            f"{row['live_vs_off']:.3f} | {row['interleaved_seconds']:.2f} | "
             f"{row['time_vs_off']:.2f}x |"
         )
     return "\n".join(lines) + "\n"

@@ -5,6 +5,9 @@ The compiled variants run eagerly here (compiling takes longer than the test).
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,3 +89,55 @@ def test_epoch_cost_measures_a_tiny_epoch() -> None:
     row = measure(CONFIGS / "two_level_quadratic.yaml", TINY, epochs=1)
     assert row["seconds"] > 0 and row["peak_mib"] >= 0
     assert row["optimisee_steps"] == 2 * 5
+
+
+def test_live_memory_runs_under_the_tunable(monkeypatch) -> None:
+    """The tensors-alive peak is the same measurement in a process whose glibc
+    returns every large block when it is freed; a tunable the user set stays."""
+    import epoch_cost
+
+    seen = {}
+
+    def run(command, **kwargs):
+        seen.update(kwargs["env"])
+        return subprocess.CompletedProcess(command, 0, stdout='{"peak_mib": 1.0}\n')
+
+    monkeypatch.setattr(epoch_cost.subprocess, "run", run)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=1")
+    epoch_cost.in_subprocess(CONFIGS / "two_level_quadratic.yaml", TINY, live=True)
+    assert (
+        seen["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=1:{epoch_cost.LIVE_TUNABLE}"
+    )
+    epoch_cost.in_subprocess(CONFIGS / "two_level_quadratic.yaml", TINY)
+    assert seen["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=1"
+
+
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or not Path("/proc/self/statm").exists(),
+    reason="glibc's tunables and Linux's /proc",
+)
+def test_live_memory_leaves_out_what_the_heap_keeps() -> None:
+    """A process that frees a large tensor and then allocates small ones keeps
+    the freed pages resident by default, not under the tunable."""
+    import epoch_cost
+
+    script = (
+        "import os, torch\n"
+        "from pathlib import Path\n"
+        "first = torch.ones(1_000_000)\n"
+        "del first\n"  # freed, this 4 MB mapping raises glibc's threshold past it
+        "blocks = [torch.ones(100_000) for _ in range(400)]\n"  # 160 MB in 400 KB
+        "del blocks[::2]\n"
+        "pages = int(Path('/proc/self/statm').read_text().split()[1])\n"
+        "print(pages * os.sysconf('SC_PAGE_SIZE') >> 20)\n"
+    )
+    rss = {}
+    for live in (False, True):
+        env = dict(os.environ)
+        if live:
+            env["GLIBC_TUNABLES"] = epoch_cost.LIVE_TUNABLE
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True
+        )
+        rss[live] = int(out.stdout.strip())
+    assert rss[False] - rss[True] > 50  # MiB: the freed half stays only in the heap
