@@ -111,13 +111,16 @@ def kernel_weights(
 class LSTMTrainStep(torch.autograd.Function):
     """One step of the LSTM rule by ``lstm_train_forward``, differentiable once.
 
-    Takes the flat weights ``theta`` (P,), the gradient as ``features`` (the
-    preprocessed (2, n), or the raw (1, n), which the kernel preprocesses with
-    ``preprocess_p``: no gradient reaches it then) and the state as (H, n) rows
-    (h, c of each layer in turn); returns the updates (n,) and the new state in
-    the same order and layout. ``unflatten`` splits theta into the rule's named
-    weights. Backward is hand-written in ``lstm_train_backward`` and cannot itself
-    be differentiated again.
+    Takes the flat weights ``theta`` (P,), the gradient of n = B * D coordinates
+    as ``features`` (the preprocessed (2, n), or the raw (1, n), which the kernel
+    preprocesses with ``preprocess_p``: no gradient reaches it then) and the
+    state as (B, D, H) tensors (h, c of each layer in turn); returns the updates
+    (B, D) and the new state in the same order, (B, D, H) views of the (H, n)
+    rows the kernel writes. The layout changes happen inside, so that autograd
+    records no view of them: a state already in that layout is read in place,
+    another is copied. ``unflatten`` splits theta into the rule's named weights.
+    Backward is hand-written in ``lstm_train_backward`` and cannot itself be
+    differentiated again.
     """
 
     @staticmethod
@@ -134,7 +137,7 @@ class LSTMTrainStep(torch.autograd.Function):
         depth = len(state) // 2
         batch, coordinates, hidden = state[0].shape
         count = batch * coordinates
-        state = tuple(_unit_rows(s, hidden, count) for s in state)
+        state = tuple(_kernel_rows(s, hidden, count) for s in state)
         weights = unflatten(theta)
         out = kernel.lstm_train_forward(
             features,
@@ -182,7 +185,7 @@ class LSTMTrainStep(torch.autograd.Function):
         grad_updates = grad_updates.reshape(count).contiguous()  # may be broadcast
         none = features.new_empty(0)
         hidden = state[0].shape[0]
-        grads = [none if g is None else _unit_rows(g, hidden, count) for g in grads]
+        grads = [none if g is None else _kernel_rows(g, hidden, count) for g in grads]
         batch, coordinates = ctx.shape
 
         grad_theta = torch.empty_like(theta)  # every entry is written below
@@ -221,7 +224,7 @@ class LSTMTrainStep(torch.autograd.Function):
         )
 
 
-def _unit_rows(state: Tensor, hidden: int, count: int) -> Tensor:
+def _kernel_rows(state: Tensor, hidden: int, count: int) -> Tensor:
     """A (B, D, H) state (or its gradient) as the kernels' (H, B * D) rows: a view
     where each row is contiguous and rows do not overlap, else a copy."""
     rows = state.permute(2, 0, 1).reshape(hidden, count)
