@@ -355,7 +355,8 @@ class MetaTrainer:
                 # The pass without a graph steps the rule in place where that is
                 # faster, on a copy of the chunk's starting state (the carry stays).
                 rule, state = top.rule, flat[3:]
-                in_place = rule.steps_faster_in_place and not torch.is_grad_enabled()
+                fast = rule.steps_faster_in_place(theta.device)
+                in_place = fast and not torch.is_grad_enabled()
                 if in_place:
                     state = _copy_into(rule.inference_state(flat[0]), state)
                 start = Carry(flat[0], state, flat[1], flat[2], step)

@@ -284,3 +284,15 @@ def test_lstm_in_place_step_in_parts_matches_update(block: int, monkeypatch) -> 
         torch.testing.assert_close(sliced[:, coordinates], value[:, coordinates])
         assert torch.equal(sliced[:, :2], old[:, :2])  # outside the slice: as was
         assert torch.equal(sliced[:, 9:], old[:, 9:])
+
+
+def test_only_the_eager_lstm_on_the_cpu_steps_faster_in_place() -> None:
+    """Chunked segments' pass without a graph takes step_ where it pays: the
+    eager LSTM on the CPU, not its fused kernels, another device or other rules."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    lstm = LSTMRule(hidden_size=4, num_layers=1)
+    assert lstm.steps_faster_in_place(cpu)
+    assert not lstm.steps_faster_in_place(gpu)
+    lstm.compile = True
+    assert not lstm.steps_faster_in_place(cpu)
+    assert not MLPRule(hidden_size=4).steps_faster_in_place(cpu)
