@@ -21,7 +21,7 @@ from tqdm import tqdm
 from hierarchy.baselines import BASELINES
 from hierarchy.level import Problem
 from hierarchy.rules import Params, UpdateRule
-from hierarchy.unroll import Carry, loss_and_grad, unroll
+from hierarchy.unroll import start, unroll
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,7 @@ def optimise(
     # keep_graph=False: each loss is kept as a value only; keeping its graph held
     # every step's minibatch activations until the end (3.7 GB for 16 MNIST
     # networks over 200 steps).
-    params = problem.init()
-    loss, grad = loss_and_grad(problem, params, 0, "first_order", keep_graph=False)
-    state = rule.inference_state(params) if in_place else rule.init_state(params)
-    carry = Carry(params, state, loss, grad, 0)
+    carry = start(problem, rule, "first_order", keep_graph=False, in_place=in_place)
     theta = rule.theta if theta is None else theta
     theta = theta.detach().to(carry.params.device)
     losses = [carry.loss]

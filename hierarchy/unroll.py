@@ -82,12 +82,18 @@ def loss_and_grad(
 
 
 def start(
-    problem: Problem, rule: UpdateRule, mode: str, keep_graph: bool = True
+    problem: Problem,
+    rule: UpdateRule,
+    mode: str,
+    keep_graph: bool = True,
+    in_place: bool = False,
 ) -> Carry:
-    """Begin an unroll at the problem's initial parameters with a fresh rule state."""
+    """Begin an unroll at the problem's initial parameters with a fresh rule state
+    (``inference_state``'s, for an ``unroll`` with ``in_place``)."""
     params = problem.init()
     loss, grad = loss_and_grad(problem, params, 0, mode, keep_graph)
-    return Carry(params, rule.init_state(params), loss, grad, 0)
+    state = rule.inference_state(params) if in_place else rule.init_state(params)
+    return Carry(params, state, loss, grad, 0)
 
 
 def unroll(
