@@ -26,7 +26,8 @@ class Problem(ABC):
     """A batch of B independent objectives over flat parameters of length D.
 
     A new problem writes ``init`` and ``loss``; the loss must be differentiable
-    in ``params`` (twice, for a level unrolled in ``higher`` mode).
+    in ``params`` (twice, for a level unrolled in ``higher`` mode). One whose
+    gradient is cheap to write by hand may also write ``value_and_grad``.
     """
 
     @abstractmethod
@@ -40,6 +41,20 @@ class Problem(ABC):
         The step selects stochastic data (a minibatch), so that every optimiser
         run on this problem sees the same minibatch at the same step.
         """
+
+    def value_and_grad(self, params: Params, step: int) -> tuple[Tensor, Tensor]:
+        """Loss (B,) at ``params`` (B, D) and its gradient (B, D), as values with
+        no graph: what a first-order unroll asks at every step.
+
+        This version differentiates ``loss`` by autograd. A problem overrides it
+        where a hand-written gradient spares autograd's bookkeeping, which on a
+        small network costs as much as the arithmetic.
+        """
+        leaf = params.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.loss(leaf, step)
+            (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        return loss.detach(), grad
 
     def select(self, rows: slice) -> Problem:
         """The problems ``rows`` (a contiguous slice) of this batch, on their own.

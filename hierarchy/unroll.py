@@ -59,25 +59,23 @@ def loss_and_grad(
     same gradient in ``params``, so backward through the meta-loss reuses the
     gradient already computed instead of a second backward through the level
     below. Its own gradient is constant, so the meta-loss must then be
-    differentiated once only, not twice (a ``higher`` level above).
+    differentiated once only, not twice (a ``higher`` level above). Where no
+    graph of the loss is kept, the problem's ``value_and_grad`` computes both.
     """
     if not keep_graph and mode != "first_order":
         raise ValueError(f"keep_graph=False needs first_order mode, not {mode!r}")
-    if not params.requires_grad or not keep_graph:
-        leaf = params.detach().requires_grad_(True)
-    else:
-        leaf = params
+    if mode == "first_order" and not (keep_graph and params.requires_grad):
+        loss, grad = problem.value_and_grad(params.detach(), step)
+        if params.requires_grad:
+            loss = loss + ((params - params.detach()) * grad).sum(dim=-1)
+        return loss, grad
 
+    leaf = params if params.requires_grad else params.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = problem.loss(leaf, step)
         (grad,) = torch.autograd.grad(
-            loss.sum(), leaf, create_graph=mode == "higher", retain_graph=keep_graph
+            loss.sum(), leaf, create_graph=mode == "higher", retain_graph=True
         )
-    if keep_graph:
-        return loss, grad
-    loss = loss.detach()
-    if params.requires_grad:
-        loss = loss + ((params - leaf.detach()) * grad).sum(dim=-1)
     return loss, grad
 
 

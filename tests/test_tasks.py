@@ -130,6 +130,28 @@ def test_mnist_loss_is_cross_entropy_on_step_minibatch() -> None:
     assert not torch.equal(problem.loss(params, 0), problem.loss(params, 1))
 
 
+@pytest.mark.parametrize(
+    "hidden, activation",
+    [((5,), "sigmoid"), ((5, 4), "sigmoid"), ((5, 4), "relu"), ((5,), "tanh")],
+)
+def test_mnist_value_and_grad_is_autograds_to_the_bit(hidden, activation) -> None:
+    """The hand-written backpropagation gives autograd's loss and gradient bit
+    for bit, for the whole batch and for selected and repeated problems."""
+    task = _task(hidden=hidden, activation=activation, batch_size=7)
+    problem = task.sample(3, torch.Generator().manual_seed(0), "train", 4)
+    generator = torch.Generator().manual_seed(1)
+    for case in (problem, problem.select(slice(1, 3)), problem.repeat(2)):
+        params = case.init() + 0.3 * torch.randn(case.init().shape, generator=generator)
+        for step in (0, 2):
+            leaf = params.clone().requires_grad_(True)
+            expected = case.loss(leaf, step)
+            (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+            loss, grad = case.value_and_grad(params, step)
+            assert not loss.requires_grad and not grad.requires_grad
+            assert torch.equal(loss, expected.detach())
+            assert torch.equal(grad, expected_grad)
+
+
 def test_mnist_test_split_uses_test_images_only() -> None:
     """Problems of split 'test' see test images only; train and val never do."""
     train_x, train_y, test_x, test_y = _images()

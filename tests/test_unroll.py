@@ -153,6 +153,53 @@ def test_loss_and_grad_graph_by_mode(mode: str) -> None:
     torch.testing.assert_close(grad.detach(), expected)
 
 
+class CountedValueAndGrad(QuadraticProblem):
+    """A quadratic problem that counts its calls of ``value_and_grad``."""
+
+    calls = 0
+
+    def value_and_grad(self, params, step):
+        CountedValueAndGrad.calls += 1
+        return super().value_and_grad(params, step)
+
+
+@pytest.mark.parametrize(
+    "mode, keep_graph, needs_grad, graph_free",
+    [
+        ("first_order", False, True, True),
+        ("first_order", True, False, True),
+        ("first_order", True, True, False),
+        ("higher", True, True, False),
+        ("higher", True, False, False),
+    ],
+)
+def test_loss_and_grad_asks_value_and_grad_where_no_graph_is_kept(
+    mode: str, keep_graph: bool, needs_grad: bool, graph_free: bool
+) -> None:
+    """A first-order step that keeps no graph of the loss takes the problem's
+    value_and_grad; one that keeps it, or a higher-order one, runs autograd.
+    Both give the same values, and the same gradient in params."""
+    base = _quadratic(batch=2, dim=3)
+    problem = CountedValueAndGrad(base.w, base.y, base.x0)
+    theta = torch.tensor([0.7], dtype=torch.float64, requires_grad=needs_grad)
+    params = problem.init() * theta
+    CountedValueAndGrad.calls = 0
+    loss, grad = loss_and_grad(problem, params, 0, mode, keep_graph)
+    assert CountedValueAndGrad.calls == int(graph_free)
+
+    leaf = params.detach().requires_grad_(True)
+    expected = problem.loss(leaf, 0)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    assert torch.equal(loss.detach(), expected.detach())
+    assert torch.equal(grad.detach(), expected_grad)
+    if needs_grad:
+        (d_theta,) = torch.autograd.grad(loss.sum(), theta)
+        (expected_d_theta,) = torch.autograd.grad(
+            problem.loss(problem.init() * theta, 0).sum(), theta
+        )
+        torch.testing.assert_close(d_theta, expected_d_theta)
+
+
 def test_start_evaluates_initial_point() -> None:
     """start gives x0, a fresh state, the loss and gradient at x0, and step 0."""
     problem = _quadratic(batch=2, dim=3)
