@@ -261,6 +261,11 @@ def _apply(config: DictConfig, override: str) -> None:
             f"config key {key!r} does not exist; see the config's "
             f"defaults in hierarchy/config.py for the accepted keys"
         )
+    target = OmegaConf.select(config, key)
+    if isinstance(value, dict) and isinstance(target, ListConfig):
+        # An override's own mapping where a list belongs (task.hidden={0: 40}),
+        # which the check above takes for items addressed by index.
+        raise ConfigError(f"config key {key!r} = {value!r}: expected a list")
     try:
         OmegaConf.update(config, key, value, merge=True)
     except OmegaConfBaseException as error:
@@ -505,8 +510,8 @@ def _check_rule_keys(rule: RuleConfig, prefix: str, fail: Callable) -> None:
             fail(
                 f"{prefix}.{key}",
                 getattr(rule, key),
-                f"no value here: a {rule.kind!r} rule does not read it (it is for "
-                f"{' and '.join(kinds) or 'the baselines'})",
+                f"its default {getattr(default, key)!r}: a {rule.kind!r} rule does "
+                f"not read it (it is for {' and '.join(kinds) or 'the baselines'})",
             )
 
 
@@ -551,8 +556,12 @@ def _validate_task(task: TaskConfig, prefix: str, fail) -> None:
         fail(f"{prefix}.dim", task.dim, "a positive integer")
     if task.batch_size < 1:
         fail(f"{prefix}.batch_size", task.batch_size, "a positive integer")
-    if not task.hidden or any(size < 1 for size in task.hidden):
-        fail(f"{prefix}.hidden", task.hidden, "a non-empty list of positive sizes")
+    if any(size < 1 for size in task.hidden):
+        fail(
+            f"{prefix}.hidden",
+            task.hidden,
+            "a list of positive layer sizes ([] for a linear classifier)",
+        )
     if task.activation not in ACTIVATIONS:
         fail(f"{prefix}.activation", task.activation, f"one of {sorted(ACTIVATIONS)}")
     if task.data_source not in DATA_SOURCES:

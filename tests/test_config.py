@@ -70,6 +70,9 @@ def test_bad_override_names_key(override: str, key: str) -> None:
         ("eval.horizons=[{a: 1}]", "eval.horizons"),
         ("eval.report_steps=[[10]]", "eval.report_steps"),
         ("task.hidden=[{a: 1}]", "task.hidden"),
+        ("task.hidden=[20,0]", "task.hidden"),
+        ("task.hidden={0: 40}", "task.hidden"),
+        ("eval.horizons={}", "eval.horizons"),
         ("levels.0.rule.momenta=[[0.9]]", "levels.0.rule.momenta"),
     ],
 )
@@ -250,6 +253,12 @@ def test_keys_a_rule_does_not_read_are_refused_unless_left_at_default() -> None:
     load_config(None, ["levels.0.rule.kind=adam", "levels.0.rule.lr=0.1"])
     with pytest.raises(ConfigError, match="'adam' rule does not read it"):
         load_config(None, ["levels.0.rule.kind=adam", "levels.0.rule.hidden_size=5"])
+
+    # Switching an MLP level with its own momenta to the LSTM names the fix.
+    mlp = ["levels.0.rule.kind=mlp", "levels.0.rule.momenta=[0.5]"]
+    with pytest.raises(ConfigError, match=r"its default \[0.9\]: a 'lstm' rule"):
+        load_config(None, [*mlp, "levels.0.rule.kind=lstm"])
+    load_config(None, [*mlp, "levels.0.rule.kind=lstm", "levels.0.rule.momenta=[0.9]"])
 
 
 def test_retired_dtype_key_of_old_run_folders(tmp_path: Path) -> None:

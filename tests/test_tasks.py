@@ -132,11 +132,18 @@ def test_mnist_loss_is_cross_entropy_on_step_minibatch() -> None:
 
 @pytest.mark.parametrize(
     "hidden, activation",
-    [((5,), "sigmoid"), ((5, 4), "sigmoid"), ((5, 4), "relu"), ((5,), "tanh")],
+    [
+        ((5,), "sigmoid"),
+        ((5, 4), "sigmoid"),
+        ((5, 4), "relu"),
+        ((5,), "tanh"),
+        ((), "sigmoid"),
+    ],
 )
 def test_mnist_value_and_grad_is_autograds_to_the_bit(hidden, activation) -> None:
     """The hand-written backpropagation gives autograd's loss and gradient bit
-    for bit, for the whole batch and for selected and repeated problems."""
+    for bit, for the whole batch and for selected and repeated problems, and for
+    a linear classifier (no hidden layer)."""
     task = _task(hidden=hidden, activation=activation, batch_size=7)
     problem = task.sample(3, torch.Generator().manual_seed(0), "train", 4)
     generator = torch.Generator().manual_seed(1)
