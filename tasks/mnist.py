@@ -86,7 +86,7 @@ class MLPProblem(Problem):
         of the loss and gradient of one MNIST network)."""
         x, labels = self.minibatch(step)
         batch, n = x.shape[:2]
-        layers = self.task.unflatten(params)
+        layers = self.task.unflatten(params.detach())
         act = ACTIVATIONS[self.task.activation]
         inputs = []
         for depth, (weight, bias) in enumerate(layers):
