@@ -87,14 +87,8 @@ class MLPProblem(Problem):
         x, labels = self.minibatch(step)
         batch, n = x.shape[:2]
         layers = self.task.unflatten(params.detach())
-        act = ACTIVATIONS[self.task.activation]
-        inputs = []
-        for depth, (weight, bias) in enumerate(layers):
-            inputs.append(x)
-            x = torch.baddbmm(bias.unsqueeze(1), x, weight)
-            if depth < len(layers) - 1:
-                x = act(x)
-        log_p = torch.log_softmax(x.flatten(0, 1), dim=1)
+        *inputs, logits = self.task.activations(layers, x)
+        log_p = torch.log_softmax(logits.flatten(0, 1), dim=1)
         per_example = F.nll_loss(log_p, labels, reduction="none")
         loss = per_example.view(batch, n).mean(dim=-1)
 
@@ -176,13 +170,21 @@ class MNISTTask(Task):
 
     def forward(self, params: Params, x: Tensor) -> Tensor:
         """Logits (B, n, 10) of B networks on their own images x (B, n, 784)."""
-        layers = self.unflatten(params)
+        return self.activations(self.unflatten(params), x)[-1]
+
+    def activations(
+        self, layers: list[tuple[Tensor, Tensor]], x: Tensor
+    ) -> list[Tensor]:
+        """Each layer's input, x first, then the logits: what backpropagation
+        through the network reads."""
         act = ACTIVATIONS[self.activation]
+        outputs = [x]
         for depth, (weight, bias) in enumerate(layers):
             x = torch.baddbmm(bias.unsqueeze(1), x, weight)
             if depth < len(layers) - 1:
                 x = act(x)
-        return x
+            outputs.append(x)
+        return outputs
 
     def init_params(self, batch_size: int, generator: torch.Generator) -> Tensor:
         """Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) per layer, like nn.Linear."""
