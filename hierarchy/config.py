@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from omegaconf import BooleanNode, DictConfig, ListConfig, OmegaConf
+from omegaconf import BooleanNode, Container, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 TASKS = ("quadratic", "mnist")
@@ -252,7 +252,7 @@ def _apply(config: DictConfig, override: str) -> None:
         ) from None
     # Unknown keys (of sections; an open mapping such as a variation's task takes
     # new ones), kinds and bools, named by their full key.
-    _check_values(config, _nested(key, value), "", by_index=True)
+    _check_values(config, _nested(key, value), "", by_index=key.count(".") + 1)
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(config, parent) if parent else config
     in_list = isinstance(node, ListConfig) and leaf.isdigit() and int(leaf) < len(node)
@@ -261,11 +261,6 @@ def _apply(config: DictConfig, override: str) -> None:
             f"config key {key!r} does not exist; see the config's "
             f"defaults in hierarchy/config.py for the accepted keys"
         )
-    target = OmegaConf.select(config, key)
-    if isinstance(value, dict) and isinstance(target, ListConfig):
-        # An override's own mapping where a list belongs (task.hidden={0: 40}),
-        # which the check above takes for items addressed by index.
-        raise ConfigError(f"config key {key!r} = {value!r}: expected a list")
     try:
         OmegaConf.update(config, key, value, merge=True)
     except OmegaConfBaseException as error:
@@ -283,15 +278,17 @@ def _check_values(
     template: DictConfig | ListConfig,
     source: object,
     prefix: str,
-    by_index: bool = False,
+    by_index: int = 0,
 ) -> None:
     """Check a file's or an override's values against the typed defaults, naming
     each by its full key: a mapping, a list or a single value where the config
     takes one; true or false where it takes a bool (omegaconf reads 2 as true);
     and only the keys a section has. omegaconf's own errors for these come from
     deep inside a merge, as a TypeError or with the key's path cut short.
-    ``by_index``: an override's mapping of indices ({levels: {0: ...}} for
-    levels.0...) stands for items of a list."""
+    ``by_index``: the number of levels, from this one down, that are an
+    override's key path, where a mapping of indices ({levels: {0: ...}} for
+    levels.0...) stands for items of a list; below them, as in a file, a
+    mapping where a list belongs is refused."""
     if isinstance(template, ListConfig):
         # Items are checked against the list's item type: a file's list replaces
         # the default one, and an override addresses an item as levels.0.
@@ -306,8 +303,17 @@ def _check_values(
             return
         if dataclasses.is_dataclass(element):
             for index, item in items:
+                if not isinstance(item, DictConfig):
+                    shown = "null" if item is None else _shown(item)
+                    raise ConfigError(
+                        f"config key {f'{prefix}{index}'!r} = {shown}: expected a "
+                        f"mapping"
+                    )
                 _check_values(
-                    OmegaConf.structured(element), item, f"{prefix}{index}.", by_index
+                    OmegaConf.structured(element),
+                    item,
+                    f"{prefix}{index}.",
+                    max(by_index - 1, 0),
                 )
         return
     if not isinstance(source, DictConfig):
@@ -327,24 +333,27 @@ def _check_values(
                 )
             continue
         node, value = template._get_node(key), source._get_node(key)
+        if isinstance(node, (DictConfig, ListConfig)):
+            kind = "a mapping" if isinstance(node, DictConfig) else "a list"
+        else:
+            kind = "a value"
+        if value._is_none() and not node._is_optional():
+            raise ConfigError(f"config key {full!r} = null: expected {kind}")
         if value._is_none() or value._is_interpolation():
             continue
         if isinstance(node, (DictConfig, ListConfig)):
-            kind = "a mapping" if isinstance(node, DictConfig) else "a list"
             indexed = (
-                by_index
+                by_index > 1
                 and isinstance(node, ListConfig)
                 and isinstance(value, DictConfig)
                 and all(isinstance(index, int) for index in value)
             )
             if not isinstance(value, type(node)) and not indexed:
-                shown = (
-                    OmegaConf.to_container(value)
-                    if isinstance(value, (DictConfig, ListConfig))
-                    else value._value()
+                shown = value if isinstance(value, Container) else value._value()
+                raise ConfigError(
+                    f"config key {full!r} = {_shown(shown)}: expected {kind}"
                 )
-                raise ConfigError(f"config key {full!r} = {shown!r}: expected {kind}")
-            _check_values(node, value, f"{full}.", by_index)
+            _check_values(node, value, f"{full}.", max(by_index - 1, 0))
         elif isinstance(value, (DictConfig, ListConfig)):
             raise ConfigError(
                 f"config key {full!r} = {OmegaConf.to_container(value)!r}: expected "
@@ -361,6 +370,13 @@ def _check_values(
                 raise ConfigError(
                     f"config key {full!r} = {raw!r}: expected true or false"
                 )
+
+
+def _shown(value: object) -> str:
+    """A value as the error messages quote it: containers as plain Python."""
+    if isinstance(value, Container):
+        value = OmegaConf.to_container(value)
+    return repr(value)
 
 
 def _describe(error: OmegaConfBaseException) -> str:
@@ -510,8 +526,8 @@ def _check_rule_keys(rule: RuleConfig, prefix: str, fail: Callable) -> None:
             fail(
                 f"{prefix}.{key}",
                 getattr(rule, key),
-                f"its default {getattr(default, key)!r}: a {rule.kind!r} rule does "
-                f"not read it (it is for {' and '.join(kinds) or 'the baselines'})",
+                f"its default {getattr(default, key)!r}: rules of kind {rule.kind!r} "
+                f"do not read it (it is for {' and '.join(kinds) or 'the baselines'})",
             )
 
 
@@ -593,8 +609,10 @@ def _validate_eval(evaluation: EvalConfig, fail) -> None:
 
 def task_with_overrides(base: TaskConfig, changes: dict, key: str) -> TaskConfig:
     """``base`` with a variation's overrides, which must name TaskConfig keys."""
+    template = OmegaConf.structured(base)
+    _check_values(template, OmegaConf.create(changes), f"{key}.")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(base), changes)
+        merged = OmegaConf.merge(template, changes)
     except OmegaConfBaseException as error:
         raise ConfigError(f"config key {key!r}: {_first_line(error)}") from None
     return OmegaConf.to_object(merged)

@@ -72,6 +72,18 @@ def test_bad_override_names_key(override: str, key: str) -> None:
         ("task.hidden=[{a: 1}]", "task.hidden"),
         ("task.hidden=[20,0]", "task.hidden"),
         ("task.hidden={0: 40}", "task.hidden"),
+        ("task={hidden: {0: 40}}", "task.hidden"),
+        ("task.hidden=null", "task.hidden"),
+        ("levels.0=[]", "levels.0"),
+        ("levels.0=null", "levels.0"),
+        (
+            "eval.variations=[{name: x, task: {hidden: {0: 4}}}]",
+            "eval.variations.0.task.hidden",
+        ),
+        (
+            "eval.variations=[{name: x, task: {hidden: 20}}]",
+            "eval.variations.0.task.hidden",
+        ),
         ("eval.horizons={}", "eval.horizons"),
         ("levels.0.rule.momenta=[[0.9]]", "levels.0.rule.momenta"),
     ],
@@ -251,12 +263,12 @@ def test_keys_a_rule_does_not_read_are_refused_unless_left_at_default() -> None:
     learned rules: set for another kind, they would be ignored, so they fail."""
     load_config(None, ["levels.0.rule.kind=mlp", "levels.0.rule.momenta=[0.5]"])
     load_config(None, ["levels.0.rule.kind=adam", "levels.0.rule.lr=0.1"])
-    with pytest.raises(ConfigError, match="'adam' rule does not read it"):
+    with pytest.raises(ConfigError, match="kind 'adam' do not read it"):
         load_config(None, ["levels.0.rule.kind=adam", "levels.0.rule.hidden_size=5"])
 
     # Switching an MLP level with its own momenta to the LSTM names the fix.
     mlp = ["levels.0.rule.kind=mlp", "levels.0.rule.momenta=[0.5]"]
-    with pytest.raises(ConfigError, match=r"its default \[0.9\]: a 'lstm' rule"):
+    with pytest.raises(ConfigError, match=r"its default \[0.9\]: rules of kind 'lstm'"):
         load_config(None, [*mlp, "levels.0.rule.kind=lstm"])
     load_config(None, [*mlp, "levels.0.rule.kind=lstm", "levels.0.rule.momenta=[0.9]"])
 
