@@ -176,6 +176,7 @@ SECTIONS = {
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Merge a YAML file and ``key=value`` overrides onto the typed defaults."""
+    config = None
     try:
         config = OmegaConf.structured(Config)
         if path is not None:
@@ -209,7 +210,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             _apply(config, override)
         resolved = OmegaConf.to_object(config)
     except OmegaConfBaseException as error:
-        raise ConfigError(_describe(error)) from None
+        # omegaconf does not say which interpolation failed to resolve.
+        failed = _failed_interpolation(config) if config is not None else None
+        raise ConfigError(_describe(*(failed or (error,)))) from None
 
     assert isinstance(resolved, Config)
     validate(resolved)
@@ -379,9 +382,31 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
-def _describe(error: OmegaConfBaseException) -> str:
+def _failed_interpolation(
+    node: DictConfig | ListConfig, prefix: str = ""
+) -> tuple[OmegaConfBaseException, str] | None:
+    """The first interpolation under ``node`` that does not resolve to a value
+    its key accepts, with its error and full key."""
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        full = f"{prefix}{key}"
+        if OmegaConf.is_interpolation(node, key):
+            try:
+                node[key]
+            except OmegaConfBaseException as error:
+                return error, full
+            continue
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_none():
+            failed = _failed_interpolation(child, f"{full}.")
+            if failed:
+                return failed
+    return None
+
+
+def _describe(error: OmegaConfBaseException, key: str | None = None) -> str:
     """One line naming the offending key, from omegaconf's richer message."""
-    key = getattr(error, "full_key", None)
+    key = key or getattr(error, "full_key", None)
     message = _first_line(error)
     return f"config key {key!r}: {message}" if key else f"config: {message}"
 

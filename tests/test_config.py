@@ -72,6 +72,9 @@ def test_bad_override_names_key(override: str, key: str) -> None:
         ("task.hidden=[{a: 1}]", "task.hidden"),
         ("task.hidden=[20,0]", "task.hidden"),
         ("task.hidden={0: 40}", "task.hidden"),
+        # an interpolation that resolves to a value the key does not take
+        ("task.hidden=${task.batch_size}", "task.hidden"),
+        ("levels.0.horizon=${nothere}", "levels.0.horizon"),
         ("task={hidden: {0: 40}}", "task.hidden"),
         ("task.hidden=null", "task.hidden"),
         ("levels.0=[]", "levels.0"),
