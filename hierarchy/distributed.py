@@ -101,6 +101,18 @@ def setup(device: torch.device) -> torch.device:
     if dist.is_initialized():
         return _local_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if world_size_from_env() == 1:
+        left = [
+            f"{name}={os.environ[name]}"
+            for name in ("RANK", "LOCAL_RANK")
+            if os.environ.get(name, "0") != "0"
+        ]
+        if left:
+            logger.warning(
+                "%s is set but WORLD_SIZE is %s: running as one process, rank 0 "
+                "(left from another launch?)",
+                " and ".join(left),
+                os.environ.get("WORLD_SIZE", "unset"),
+            )
         return device
 
     missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]

@@ -92,6 +92,24 @@ def test_setup_asks_for_torchrun_when_its_variables_are_missing(monkeypatch) -> 
     assert not dist.is_initialized()
 
 
+def test_setup_warns_of_a_rank_left_in_a_single_process(monkeypatch, caplog) -> None:
+    """A RANK or LOCAL_RANK other than 0 without WORLD_SIZE runs one process,
+    and says so, as the variables are likely left from another launch."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with caplog.at_level("WARNING", logger="hierarchy.distributed"):
+        assert distributed.setup(torch.device("cpu")) == torch.device("cpu")
+    assert "RANK=3 is set but WORLD_SIZE is unset" in caplog.text
+    assert not dist.is_initialized()
+
+    caplog.clear()
+    monkeypatch.setenv("RANK", "0")
+    with caplog.at_level("WARNING", logger="hierarchy.distributed"):
+        distributed.setup(torch.device("cpu"))
+    assert caplog.text == ""
+
+
 @pytest.mark.parametrize(
     "name, value",
     [
