@@ -246,6 +246,12 @@ def _apply(config: DictConfig, override: str) -> None:
             f"override {override!r} is not of the form key=value "
             f"(for example meta.epochs=50)"
         )
+    negative = [part for part in key.split(".") if re.fullmatch(r"-\d+", part)]
+    if negative:
+        raise ConfigError(
+            f"override {override!r}: list items are addressed by their index from "
+            f"0 (as in levels.0.mode), not {negative[0]}"
+        )
     try:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:

@@ -75,6 +75,7 @@ def test_bad_override_names_key(override: str, key: str) -> None:
         # an interpolation that resolves to a value the key does not take
         ("task.hidden=${task.batch_size}", "task.hidden"),
         ("levels.0.horizon=${nothere}", "levels.0.horizon"),
+        ("task.hidden.-1=40", "task.hidden.-1=40"),
         ("task={hidden: {0: 40}}", "task.hidden"),
         ("task.hidden=null", "task.hidden"),
         ("levels.0=[]", "levels.0"),
