@@ -333,7 +333,6 @@ class LSTMRule(NetworkRule):
             features = grad.reshape(1, count).contiguous()
         updates, *new_state = LSTMTrainStep.apply(
             kernel,
-            self.unflatten,
             self.out_scale,
             self.preprocess_p,
             theta,

@@ -16,7 +16,6 @@ import functools
 import hashlib
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -109,64 +108,39 @@ def kernel_weights(
 
 
 class LSTMTrainStep(torch.autograd.Function):
-    """One step of the LSTM rule by ``lstm_train_forward``, differentiable once.
+    """One step of the LSTM rule by ``lstm_rule_forward``, differentiable once.
 
-    Takes the flat weights ``theta`` (P,), the gradient of n = B * D coordinates
-    as ``features`` (the preprocessed (2, n), or the raw (1, n), which the kernel
-    preprocesses with ``preprocess_p``: no gradient reaches it then) and the
-    state as (B, D, H) tensors (h, c of each layer in turn); returns the updates
-    (B, D) and the new state in the same order, (B, D, H) views of the (H, n)
-    rows the kernel writes. The layout changes happen inside, so that autograd
-    records no view of them: a state already in that layout is read in place,
-    another is copied. ``unflatten`` splits theta into the rule's named weights.
-    Backward is hand-written in ``lstm_train_backward`` and cannot itself be
-    differentiated again.
+    Takes the flat weights ``theta`` (P,) in the order of ``LSTMRule.shapes``, the
+    gradient of n = B * D coordinates as ``features`` (the preprocessed (2, n),
+    or the raw (1, n), which the kernel preprocesses with ``preprocess_p``: no
+    gradient reaches it then) and the state as (B, D, H) tensors (h, c of each
+    layer in turn); returns the updates (B, D) and the new state in the same
+    order, (B, D, H) views of the (H, n) rows the kernel writes. The kernel
+    slices theta and changes layouts itself, so that autograd records no view
+    of them and a step dispatches few calls: a state already in that layout is
+    read in place, another is copied. Backward is hand-written in
+    ``lstm_train_backward`` and cannot itself be differentiated again.
     """
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         kernel: ModuleType,
-        unflatten: Callable[[Tensor], dict[str, Tensor]],
         scale: float,
         preprocess_p: float,
         theta: Tensor,
         features: Tensor,
         *state: Tensor,
     ) -> tuple[Tensor, ...]:
-        depth = len(state) // 2
-        batch, coordinates, hidden = state[0].shape
-        count = batch * coordinates
-        state = tuple(_kernel_rows(s, hidden, count) for s in state)
-        weights = unflatten(theta)
-        out = kernel.lstm_train_forward(
-            features,
-            list(state[0::2]),
-            list(state[1::2]),
-            [weights[f"w{layer}"] for layer in range(depth)],
-            [weights[f"b{layer}"] for layer in range(depth)],
-            weights["w_out"].reshape(-1),
-            weights["b_out"],
-            scale,
-            preprocess_p,
+        out = kernel.lstm_rule_forward(
+            theta, features, list(state), scale, preprocess_p
         )
-        updates, h_new, c_new = (
-            out[0],
-            out[1 : 1 + depth],
-            out[1 + depth : 1 + 2 * depth],
-        )
-        ctx.save_for_backward(
-            theta, features, *state, *h_new, *c_new, *out[1 + 2 * depth :]
-        )
-        ctx.kernel, ctx.unflatten = kernel, unflatten
-        ctx.scale, ctx.preprocess_p, ctx.depth = scale, preprocess_p, depth
-        ctx.shape = (batch, coordinates)
+        returned = 1 + len(state)
+        ctx.save_for_backward(theta, features, *out[returned:])
+        ctx.kernel, ctx.scale, ctx.preprocess_p = kernel, scale, preprocess_p
+        ctx.batch = state[0].shape[0]
         ctx.set_materialize_grads(False)
-        shape = (hidden, batch, coordinates)
-        return (
-            updates.view(batch, coordinates),
-            *(t.view(shape).permute(1, 2, 0) for t in _interleave(h_new, c_new)),
-        )
+        return tuple(out[:returned])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -175,65 +149,16 @@ class LSTMTrainStep(torch.autograd.Function):
         grad_updates: Tensor | None,
         *grads: Tensor | None,
     ) -> tuple[Tensor | None, ...]:
-        depth = ctx.depth
         theta, features, *saved = ctx.saved_tensors
-        state, saved = saved[: 2 * depth], saved[2 * depth :]
-        h_new, c_new, acts = saved[:depth], saved[depth : 2 * depth], saved[2 * depth :]
-        count = features.shape[1]
-        if grad_updates is None:
-            grad_updates = features.new_zeros(count)
-        grad_updates = grad_updates.reshape(count).contiguous()  # may be broadcast
-        none = features.new_empty(0)
-        hidden = state[0].shape[0]
-        grads = [none if g is None else _kernel_rows(g, hidden, count) for g in grads]
-        batch, coordinates = ctx.shape
-
-        grad_theta = torch.empty_like(theta)  # every entry is written below
-        views = ctx.unflatten(grad_theta)
-        weights = ctx.unflatten(theta)
-        out = ctx.kernel.lstm_train_backward(
+        grad_theta, grad_features, *grad_state = ctx.kernel.lstm_rule_backward(
+            theta,
             features,
-            list(state[0::2]),
-            list(state[1::2]),
-            list(h_new),
-            list(c_new),
-            list(acts),
-            [weights[f"w{layer}"] for layer in range(depth)],
-            weights["w_out"].reshape(-1),
-            ctx.scale,
+            saved,
             grad_updates,
-            grads[0::2],
-            grads[1::2],
-            [views[f"w{layer}"] for layer in range(depth)],
-            [views[f"b{layer}"] for layer in range(depth)],
-            views["w_out"].reshape(-1),
-            views["b_out"],
-            ctx.needs_input_grad[5],
+            list(grads),
+            ctx.batch,
+            ctx.scale,
+            ctx.needs_input_grad[4],
             ctx.preprocess_p,
         )
-        grad_features, grad_h, grad_c = out[0], out[1 : 1 + depth], out[1 + depth :]
-        shape = (hidden, batch, coordinates)
-        return (
-            None,
-            None,
-            None,
-            None,
-            grad_theta,
-            grad_features,
-            *(g.view(shape).permute(1, 2, 0) for g in _interleave(grad_h, grad_c)),
-        )
-
-
-def _kernel_rows(state: Tensor, hidden: int, count: int) -> Tensor:
-    """A (B, D, H) state (or its gradient) as the kernels' (H, B * D) rows: a view
-    where each row is contiguous and rows do not overlap, else a copy."""
-    rows = state.permute(2, 0, 1).reshape(hidden, count)
-    apart = hidden == 1 or rows.stride(0) >= count  # not broadcast
-    if not (apart and (count == 1 or rows.stride(1) == 1)):
-        rows = rows.clone(memory_format=torch.contiguous_format)
-    return rows
-
-
-def _interleave(h: list[Tensor], c: list[Tensor]) -> list[Tensor]:
-    """h0, c0, h1, c1, ...: the rule's state order from per-kind lists."""
-    return [t for pair in zip(h, c) for t in pair]
+        return (None, None, None, grad_theta, grad_features, *grad_state)

@@ -216,10 +216,25 @@ std::vector<torch::Tensor> lstm_train_backward(
     const std::vector<torch::Tensor>& grad_biases, const torch::Tensor& grad_head,
     const torch::Tensor& grad_head_bias, bool want_features, double preprocess_p);
 
+std::vector<torch::Tensor> lstm_rule_forward(const torch::Tensor& theta,
+                                             const torch::Tensor& features,
+                                             const std::vector<torch::Tensor>& state,
+                                             double scale, double preprocess_p);
+std::vector<torch::Tensor> lstm_rule_backward(
+    const torch::Tensor& theta, const torch::Tensor& features,
+    const std::vector<torch::Tensor>& saved,
+    const std::optional<torch::Tensor>& grad_updates,
+    const std::vector<std::optional<torch::Tensor>>& grad_state, int64_t batch,
+    double scale, bool want_features, double preprocess_p);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("lstm_step", &lstm_step, "Fused LSTM optimiser step, in place");
   module.def("lstm_train_forward", &lstm_train_forward,
              "LSTM optimiser step for training: updates, new state, saved gates");
   module.def("lstm_train_backward", &lstm_train_backward,
              "Gradients of lstm_train_forward's inputs");
+  module.def("lstm_rule_forward", &lstm_rule_forward,
+             "LSTM rule's training step at flat weights on (B, D, H) state");
+  module.def("lstm_rule_backward", &lstm_rule_backward,
+             "Gradients of lstm_rule_forward's inputs");
 }

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "vec.h"
@@ -171,7 +172,8 @@ struct Rows {
 // A single row's stride is never read, but BLAS asks that it be at least the row's
 // length, and torch may give a tensor of one row any stride.
 Rows rows_of(const at::Tensor& t) {
-  const int64_t stride = t.size(0) == 1 ? std::max(t.stride(0), t.size(1)) : t.stride(0);
+  const int64_t stride =
+      t.size(0) == 1 ? std::max(t.stride(0), t.size(1)) : t.stride(0);
   return {t.data_ptr<float>(), stride};
 }
 
@@ -444,9 +446,10 @@ Sizes check_inputs(const at::Tensor& features, const std::vector<at::Tensor>& h,
 
 // Forward of one step for one batch of n coordinates.
 // features: the preprocessed gradient (2, n), or the raw gradient (1, n), which
-// is preprocessed here with preprocess_p, block by block; h[l], c[l]: (H, n) with contiguous rows; weights[l]: the
-// layer's (K_l, 4H) block of theta, K_l = 2 + H for the first layer and 2H after,
-// input rows first; biases[l]: (4H,); head: (H,) and head_bias (1,).
+// is preprocessed here with preprocess_p, block by block; h[l], c[l]: (H, n)
+// with contiguous rows; weights[l]: the layer's (K_l, 4H) block of theta, K_l =
+// 2 + H for the first layer and 2H after, input rows first; biases[l]: (4H,);
+// head: (H,) and head_bias (1,).
 // Returns the updates (n,), then each layer's new h, then each new c, then each
 // layer's activated gates (4H, n) for backward.
 std::vector<at::Tensor> lstm_train_forward(const at::Tensor& features,
@@ -510,7 +513,9 @@ std::vector<at::Tensor> lstm_train_forward(const at::Tensor& features,
     float* out = updates.data_ptr<float>() + first;
     for_vectors(count, [&](int64_t at, int64_t width) {
       Vec sum = splat(b_out);
-      for (int64_t u = 0; u < hidden; ++u) sum += w_out[u] * load(top.row(u) + at, width);
+      for (int64_t u = 0; u < hidden; ++u) {
+        sum += w_out[u] * load(top.row(u) + at, width);
+      }
       store(out + at, sum * out_scale, width);
     });
   });
@@ -565,7 +570,9 @@ std::vector<at::Tensor> lstm_train_backward(
 
   // Each thread's sums: every layer's weights and biases, then the head's.
   std::vector<int64_t> offsets{0};
-  for (int64_t l = 0; l < depth; ++l) offsets.push_back(offsets.back() + s.fan_in(l) * gates + gates);
+  for (int64_t l = 0; l < depth; ++l) {
+    offsets.push_back(offsets.back() + s.fan_in(l) * gates + gates);
+  }
   const int64_t head_offset = offsets.back();
   ThreadSums sums(head_offset + hidden + 1);
   const float* w_out = head.data_ptr<float>();
@@ -662,4 +669,143 @@ std::vector<at::Tensor> lstm_train_backward(
   out.insert(out.end(), grad_h_old.begin(), grad_h_old.end());
   out.insert(out.end(), grad_c_old.begin(), grad_c_old.end());
   return out;
+}
+
+namespace {
+
+// Views of the LSTM rule's flat weights theta in the order of LSTMRule.shapes:
+// each layer's (K_l, 4H) weight and (4H,) bias, then the head's (H,) weights and
+// its bias. Slicing here, not in Python, saves a dozen dispatched calls a step.
+struct RuleWeights {
+  std::vector<at::Tensor> weights, biases;
+  at::Tensor head, head_bias;
+};
+
+RuleWeights split_theta(const at::Tensor& theta, int64_t depth, int64_t hidden) {
+  const int64_t gates = 4 * hidden;
+  int64_t size = hidden + 1;
+  for (int64_t l = 0; l < depth; ++l) {
+    size += ((l == 0 ? 2 : hidden) + hidden + 1) * gates;
+  }
+  TORCH_CHECK(theta.dim() == 1 && theta.is_contiguous() && theta.numel() == size,
+              "theta must be a contiguous (", size, ",) tensor for ", depth,
+              " layers of ", hidden, " units, not ", theta.sizes());
+  RuleWeights out;
+  int64_t offset = 0;
+  for (int64_t l = 0; l < depth; ++l) {
+    const int64_t fan_in = (l == 0 ? 2 : hidden) + hidden;
+    const at::Tensor weight = theta.narrow(0, offset, fan_in * gates);
+    out.weights.push_back(weight.view({fan_in, gates}));
+    offset += fan_in * gates;
+    out.biases.push_back(theta.narrow(0, offset, gates));
+    offset += gates;
+  }
+  out.head = theta.narrow(0, offset, hidden);
+  out.head_bias = theta.narrow(0, offset + hidden, 1);
+  return out;
+}
+
+// A (B, D, H) state, or its gradient, as the kernels' (H, B * D) rows: a view
+// where each row is contiguous and rows do not overlap, else a copy.
+at::Tensor state_rows(const at::Tensor& state) {
+  TORCH_CHECK(state.dim() == 3, "rule state must be (B, D, H), not ", state.sizes());
+  const int64_t hidden = state.size(2), count = state.size(0) * state.size(1);
+  at::Tensor rows = state.permute({2, 0, 1}).reshape({hidden, count});
+  const bool apart = hidden == 1 || rows.stride(0) >= count;  // not broadcast
+  if (!(apart && (count == 1 || rows.stride(1) == 1))) {
+    rows = rows.clone(at::MemoryFormat::Contiguous);
+  }
+  return rows;
+}
+
+// (H, B * D) rows as the (B, D, H) view that the rule's state is.
+at::Tensor state_view(const at::Tensor& rows, int64_t batch, int64_t coordinates) {
+  return rows.view({rows.size(0), batch, coordinates}).permute({1, 2, 0});
+}
+
+}  // namespace
+
+// One training step of the LSTM rule at flat weights theta, for LSTMTrainStep:
+// state is h0, c0, h1, c1, ... as (B, D, H) tensors. Returns the updates (B, D)
+// and the new state, (B, D, H) views in the same order, then what backward reads:
+// the state's rows, each layer's new h rows, new c rows and activated gates.
+std::vector<at::Tensor> lstm_rule_forward(const at::Tensor& theta,
+                                          const at::Tensor& features,
+                                          const std::vector<at::Tensor>& state,
+                                          double scale, double preprocess_p) {
+  TORCH_CHECK(!state.empty() && state.size() % 2 == 0,
+              "state needs an h and a c per layer");
+  const int64_t depth = static_cast<int64_t>(state.size()) / 2;
+  const int64_t batch = state[0].size(0), coordinates = state[0].size(1);
+  const int64_t hidden = state[0].size(2);
+  std::vector<at::Tensor> h, c;
+  for (int64_t l = 0; l < depth; ++l) {
+    h.push_back(state_rows(state[2 * l]));
+    c.push_back(state_rows(state[2 * l + 1]));
+  }
+  const RuleWeights w = split_theta(theta, depth, hidden);
+  const std::vector<at::Tensor> out = lstm_train_forward(
+      features, h, c, w.weights, w.biases, w.head, w.head_bias, scale, preprocess_p);
+
+  std::vector<at::Tensor> result{out[0].view({batch, coordinates})};
+  for (int64_t l = 0; l < depth; ++l) {
+    result.push_back(state_view(out[1 + l], batch, coordinates));
+    result.push_back(state_view(out[1 + depth + l], batch, coordinates));
+  }
+  for (int64_t l = 0; l < depth; ++l) {
+    result.push_back(h[l]);
+    result.push_back(c[l]);
+  }
+  result.insert(result.end(), out.begin() + 1, out.end());
+  return result;
+}
+
+// Backward of lstm_rule_forward: from its saved tensors (as it returned them)
+// and the gradients of the updates and of each new state tensor (None where
+// none reached them), for `batch` problems. Returns the gradient of theta, of
+// the features (undefined unless want_features), then of each old state tensor
+// as (B, D, H) views.
+std::vector<at::Tensor> lstm_rule_backward(
+    const at::Tensor& theta, const at::Tensor& features,
+    const std::vector<at::Tensor>& saved,
+    const std::optional<at::Tensor>& grad_updates,
+    const std::vector<std::optional<at::Tensor>>& grad_state, int64_t batch,
+    double scale, bool want_features, double preprocess_p) {
+  const int64_t depth = static_cast<int64_t>(grad_state.size()) / 2;
+  TORCH_CHECK(depth > 0 && saved.size() == static_cast<size_t>(5 * depth),
+              "saved tensors do not match the state's layers");
+  const int64_t hidden = saved[0].size(0), count = saved[0].size(1);
+  std::vector<at::Tensor> h, c, h_new, c_new, acts, grad_h, grad_c;
+  const at::Tensor none = at::empty({0}, features.options());
+  for (int64_t l = 0; l < depth; ++l) {
+    h.push_back(saved[2 * l]);
+    c.push_back(saved[2 * l + 1]);
+    h_new.push_back(saved[2 * depth + l]);
+    c_new.push_back(saved[3 * depth + l]);
+    acts.push_back(saved[4 * depth + l]);
+    const auto& dh = grad_state[2 * l];
+    const auto& dc = grad_state[2 * l + 1];
+    grad_h.push_back(dh.has_value() ? state_rows(*dh) : none);
+    grad_c.push_back(dc.has_value() ? state_rows(*dc) : none);
+  }
+  const at::Tensor d_updates =
+      grad_updates.has_value()
+          ? grad_updates->reshape({count}).contiguous()  // may be broadcast
+          : at::zeros({count}, features.options());
+
+  // Every entry of the gradient is written by the kernel.
+  const at::Tensor grad_theta = at::empty_like(theta);
+  const RuleWeights w = split_theta(theta, depth, hidden);
+  const RuleWeights views = split_theta(grad_theta, depth, hidden);
+  const std::vector<at::Tensor> out = lstm_train_backward(
+      features, h, c, h_new, c_new, acts, w.weights, w.head, scale, d_updates, grad_h,
+      grad_c, views.weights, views.biases, views.head, views.head_bias,
+      want_features, preprocess_p);
+
+  std::vector<at::Tensor> result{grad_theta, out[0]};
+  for (int64_t l = 0; l < depth; ++l) {
+    result.push_back(state_view(out[1 + l], batch, count / batch));
+    result.push_back(state_view(out[1 + depth + l], batch, count / batch));
+  }
+  return result;
 }
