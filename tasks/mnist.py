@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hierarchy import kernels
 from hierarchy.level import Params, Problem, Task
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
+ACTIVATION_CODES = {"sigmoid": 0, "relu": 1, "tanh": 2}  # as mlp.cpp reads them
 
 # Each activation's backward from its output, as autograd computes it.
 _aten = torch.ops.aten
@@ -83,7 +85,26 @@ class MLPProblem(Problem):
         """The loss and its gradient by backpropagation written out: the very
         operations autograd runs for ``loss``, in its order, so the gradient is
         the same to the bit, without a graph's bookkeeping (a fifth of the time
-        of the loss and gradient of one MNIST network)."""
+        of the loss and gradient of one MNIST network). On the CPU, where the
+        fused kernels are built, ``mlp.cpp`` runs the same operations from C++;
+        not dispatching each from Python saves a third of the time again.
+        """
+        compiled = kernels.built() if params.device.type == "cpu" else None
+        if compiled is not None:
+            loss, grad = compiled.mlp_value_and_grad(
+                params,
+                self.images,
+                self.labels,
+                self.batches,
+                step,
+                self.task.sizes,
+                ACTIVATION_CODES[self.task.activation],
+            )
+            return loss, grad
+        return self.value_and_grad_eager(params, step)
+
+    def value_and_grad_eager(self, params: Params, step: int) -> tuple[Tensor, Tensor]:
+        """``value_and_grad`` by torch calls from Python."""
         x, labels = self.minibatch(step)
         batch, n = x.shape[:2]
         layers = self.task.unflatten(params.detach())
@@ -149,8 +170,8 @@ class MNISTTask(Task):
         self.activation = activation
         self.batch_size = batch_size
 
-        sizes = [train_images.shape[1], *hidden, 10]
-        self.layers = list(zip(sizes[:-1], sizes[1:]))
+        self.sizes = [train_images.shape[1], *hidden, 10]
+        self.layers = list(zip(self.sizes[:-1], self.sizes[1:]))
         self.dim = sum(fan_in * fan_out + fan_out for fan_in, fan_out in self.layers)
 
     def unflatten(self, params: Params) -> list[tuple[Tensor, Tensor]]:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import assert_rows_match
 from torch import nn
 
-from tasks.mnist import MNISTTask
+from hierarchy import kernels
+from tasks.mnist import MLPProblem, MNISTTask
 from tasks.quadratic import QuadraticTask
 
 N_TRAIN, N_TEST = 50, 13
@@ -130,6 +131,33 @@ def test_mnist_loss_is_cross_entropy_on_step_minibatch() -> None:
     assert not torch.equal(problem.loss(params, 0), problem.loss(params, 1))
 
 
+@pytest.fixture(params=["eager", "compiled"])
+def value_and_grad_path(request, monkeypatch):
+    """How MLPProblem.value_and_grad runs: by torch calls from Python, or by the
+    built kernels' ``mlp_value_and_grad``; returns the calls of the one taken."""
+    calls = []
+
+    def counted(function):
+        def run(*args):
+            calls.append(args)
+            return function(*args)
+
+        return run
+
+    if request.param == "eager":
+        monkeypatch.setattr(kernels, "built", lambda: None)
+        eager = MLPProblem.value_and_grad_eager
+        monkeypatch.setattr(MLPProblem, "value_and_grad_eager", counted(eager))
+        return calls
+    module = kernels.lstm_kernels()
+    if module is None:
+        pytest.skip("the fused kernels cannot be built here (no compiler or ninja)")
+    monkeypatch.setattr(
+        module, "mlp_value_and_grad", counted(module.mlp_value_and_grad)
+    )
+    return calls
+
+
 @pytest.mark.parametrize(
     "hidden, activation",
     [
@@ -140,16 +168,19 @@ def test_mnist_loss_is_cross_entropy_on_step_minibatch() -> None:
         ((), "sigmoid"),
     ],
 )
-def test_mnist_value_and_grad_is_autograds_to_the_bit(hidden, activation) -> None:
-    """The hand-written backpropagation gives autograd's loss and gradient bit
-    for bit, for the whole batch and for selected and repeated problems, and for
-    a linear classifier (no hidden layer)."""
+def test_mnist_value_and_grad_is_autograds_to_the_bit(
+    hidden, activation, value_and_grad_path
+) -> None:
+    """The hand-written backpropagation, from Python and from C++, gives
+    autograd's loss and gradient bit for bit, for the whole batch and for
+    selected and repeated problems, and for a linear classifier (no hidden
+    layer)."""
     task = _task(hidden=hidden, activation=activation, batch_size=7)
     problem = task.sample(3, torch.Generator().manual_seed(0), "train", 4)
     generator = torch.Generator().manual_seed(1)
     for case in (problem, problem.select(slice(1, 3)), problem.repeat(2)):
         params = case.init() + 0.3 * torch.randn(case.init().shape, generator=generator)
-        for step in (0, 2):
+        for step in (0, 2, -1, 9):  # the steps wrap round the 5 minibatches
             leaf = params.clone().requires_grad_(True)
             expected = case.loss(leaf, step)
             (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
@@ -157,6 +188,25 @@ def test_mnist_value_and_grad_is_autograds_to_the_bit(hidden, activation) -> Non
             assert not loss.requires_grad and not grad.requires_grad
             assert torch.equal(loss, expected.detach())
             assert torch.equal(grad, expected_grad)
+    assert len(value_and_grad_path) == 3 * 4
+
+
+def test_value_and_grad_does_not_build_the_kernels(monkeypatch) -> None:
+    """Where no rule has built the kernels, value_and_grad runs from Python: it
+    neither starts a build nor warns that one failed."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("value_and_grad started a build")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", refuse)
+    kernels.lstm_kernels.cache_clear()
+    try:
+        assert kernels.built() is None
+        problem = _task(hidden=(3,)).sample(2, torch.Generator(), "train", 2)
+        loss, grad = problem.value_and_grad(problem.init(), 0)
+        assert loss.shape == (2,) and grad.shape == problem.init().shape
+    finally:
+        kernels.lstm_kernels.cache_clear()
 
 
 def test_mnist_test_split_uses_test_images_only() -> None:

@@ -4,10 +4,11 @@ Two C++ kernels serve an LSTM rule that has ``compile`` set. Its inference step
 (``lstm_step.cpp``) takes each tile of coordinates through both layers and the
 head in cache, where eager torch makes a dozen passes over memory. Its training
 step (``lstm_train.cpp``, wrapped in ``LSTMTrainStep``) does the same for blocks
-of coordinates in forward and in a hand-written backward. Building needs a C++
-compiler and ninja; the first build takes about 30 s and is cached by torch
-(``TORCH_EXTENSIONS_DIR``). Where it cannot be built the rule runs its eager
-inference step and torch.compile of ``update``, with one warning.
+of coordinates in forward and in a hand-written backward. Once they are built,
+``mlp.cpp`` also serves the MNIST optimisee's loss and gradient (``built``).
+Building needs a C++ compiler and ninja; the first build takes about 40 s and is
+cached by torch (``TORCH_EXTENSIONS_DIR``). Where it cannot be built the rule runs
+its eager inference step and torch.compile of ``update``, with one warning.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(f"lstm_{part}.cpp") for part in ("step", "train")]
+SOURCES = [
+    Path(__file__).with_name(f"{part}.cpp")
+    for part in ("lstm_step", "lstm_train", "mlp")
+]
 HEADERS = [Path(__file__).with_name("vec.h")]
 
 # Instruction sets by torch's reading of this CPU. The name carries the choice,
@@ -61,6 +65,15 @@ def lstm_kernels() -> ModuleType | None:
             _cause(str(error)),
         )
         return None
+
+
+def built() -> ModuleType | None:
+    """The compiled module if ``lstm_kernels`` has built it in this process, else
+    None, without building it: for code that runs faster with the kernels but
+    should not start a build, or warn, where no rule asked for them."""
+    if lstm_kernels.cache_info().currsize == 0:
+        return None
+    return lstm_kernels()
 
 
 def _cpp_extension() -> ModuleType:

@@ -227,6 +227,15 @@ std::vector<torch::Tensor> lstm_rule_backward(
     const std::vector<std::optional<torch::Tensor>>& grad_state, int64_t batch,
     double scale, bool want_features, double preprocess_p);
 
+// The loss and gradient of B MLP classifiers, from mlp.cpp.
+std::vector<torch::Tensor> mlp_value_and_grad(const torch::Tensor& params,
+                                              const torch::Tensor& images,
+                                              const torch::Tensor& labels,
+                                              const torch::Tensor& batches,
+                                              int64_t step,
+                                              const std::vector<int64_t>& sizes,
+                                              int64_t activation);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("lstm_step", &lstm_step, "Fused LSTM optimiser step, in place");
   module.def("lstm_train_forward", &lstm_train_forward,
@@ -237,4 +246,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "LSTM rule's training step at flat weights on (B, D, H) state");
   module.def("lstm_rule_backward", &lstm_rule_backward,
              "Gradients of lstm_rule_forward's inputs");
+  module.def("mlp_value_and_grad", &mlp_value_and_grad,
+             "Loss and gradient of B MLP classifiers on their minibatches");
 }
