@@ -96,7 +96,7 @@ class MLPProblem(Problem):
                 self.images,
                 self.labels,
                 self.batches,
-                step,
+                step % len(self.batches),
                 self.task.sizes,
                 ACTIVATION_CODES[self.task.activation],
             )

@@ -292,6 +292,32 @@ def test_fused_training_step_state_layout(kernel) -> None:
     torch.testing.assert_close(update, expected)
 
 
+def test_fused_training_step_of_no_problems_has_zero_gradients(kernel) -> None:
+    """A batch of no problems steps and differentiates to a zero gradient in
+    theta and empty ones in the state, where it once divided by zero in C++."""
+    rule = LSTMRule(hidden_size=4, num_layers=1)
+    theta = rule.theta.detach().clone().requires_grad_(True)
+    state = [torch.zeros(0, 5, 4, requires_grad=True) for _ in range(2)]
+    out = kernels.LSTMTrainStep.apply(
+        kernel, 0.1, 10.0, theta, torch.zeros(1, 0), *state
+    )
+    assert out[0].shape == (0, 5) and out[1].shape == (0, 5, 4)
+    (out[0].sum() + out[1].sum()).backward()
+    assert torch.equal(theta.grad, torch.zeros_like(theta))
+    assert state[0].grad.shape == (0, 5, 4)
+
+
+def test_fused_training_step_names_a_theta_that_does_not_fit(kernel) -> None:
+    """A state whose hidden size is not the weights' gets one line that gives
+    theta's expected length, not an error from inside the kernel."""
+    theta = LSTMRule(hidden_size=4, num_layers=1).theta.detach()
+    state = [torch.zeros(2, 5, 3) for _ in range(2)]
+    with pytest.raises(RuntimeError, match=r"theta must be a contiguous \(76,\)"):
+        kernels.LSTMTrainStep.apply(
+            kernel, 0.1, 10.0, theta, torch.zeros(1, 10), *state
+        )
+
+
 @pytest.mark.parametrize("coordinates", [1, 37])
 def test_fused_training_step_takes_any_state_layout(kernel, coordinates) -> None:
     """Broadcast, transposed and single-coordinate states, and the broadcast

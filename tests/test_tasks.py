@@ -180,7 +180,7 @@ def test_mnist_value_and_grad_is_autograds_to_the_bit(
     generator = torch.Generator().manual_seed(1)
     for case in (problem, problem.select(slice(1, 3)), problem.repeat(2)):
         params = case.init() + 0.3 * torch.randn(case.init().shape, generator=generator)
-        for step in (0, 2, -1, 9):  # the steps wrap round the 5 minibatches
+        for step in (0, 2, -1, 9, 2**63):  # steps wrap round the 5 minibatches
             leaf = params.clone().requires_grad_(True)
             expected = case.loss(leaf, step)
             (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
@@ -188,7 +188,7 @@ def test_mnist_value_and_grad_is_autograds_to_the_bit(
             assert not loss.requires_grad and not grad.requires_grad
             assert torch.equal(loss, expected.detach())
             assert torch.equal(grad, expected_grad)
-    assert len(value_and_grad_path) == 3 * 4
+    assert len(value_and_grad_path) == 3 * 5
 
 
 def test_value_and_grad_does_not_build_the_kernels(monkeypatch) -> None:

@@ -151,7 +151,7 @@ class LSTMTrainStep(torch.autograd.Function):
         returned = 1 + len(state)
         ctx.save_for_backward(theta, features, *out[returned:])
         ctx.kernel, ctx.scale, ctx.preprocess_p = kernel, scale, preprocess_p
-        ctx.batch = state[0].shape[0]
+        ctx.shape = tuple(state[0].shape[:2])
         ctx.set_materialize_grads(False)
         return tuple(out[:returned])
 
@@ -169,7 +169,7 @@ class LSTMTrainStep(torch.autograd.Function):
             saved,
             grad_updates,
             list(grads),
-            ctx.batch,
+            *ctx.shape,
             ctx.scale,
             ctx.needs_input_grad[4],
             ctx.preprocess_p,

@@ -225,7 +225,7 @@ std::vector<torch::Tensor> lstm_rule_backward(
     const std::vector<torch::Tensor>& saved,
     const std::optional<torch::Tensor>& grad_updates,
     const std::vector<std::optional<torch::Tensor>>& grad_state, int64_t batch,
-    double scale, bool want_features, double preprocess_p);
+    int64_t coordinates, double scale, bool want_features, double preprocess_p);
 
 // The loss and gradient of B MLP classifiers, from mlp.cpp.
 std::vector<torch::Tensor> mlp_value_and_grad(const torch::Tensor& params,

@@ -689,7 +689,8 @@ RuleWeights split_theta(const at::Tensor& theta, int64_t depth, int64_t hidden) 
   }
   TORCH_CHECK(theta.dim() == 1 && theta.is_contiguous() && theta.numel() == size,
               "theta must be a contiguous (", size, ",) tensor for ", depth,
-              " layers of ", hidden, " units, not ", theta.sizes());
+              " layers of ", hidden, " units (the state's last size), not ",
+              theta.sizes());
   RuleWeights out;
   int64_t offset = 0;
   for (int64_t l = 0; l < depth; ++l) {
@@ -762,15 +763,15 @@ std::vector<at::Tensor> lstm_rule_forward(const at::Tensor& theta,
 
 // Backward of lstm_rule_forward: from its saved tensors (as it returned them)
 // and the gradients of the updates and of each new state tensor (None where
-// none reached them), for `batch` problems. Returns the gradient of theta, of
-// the features (undefined unless want_features), then of each old state tensor
-// as (B, D, H) views.
+// none reached them), for `batch` problems of `coordinates` each. Returns the
+// gradient of theta, of the features (undefined unless want_features), then of
+// each old state tensor as (B, D, H) views.
 std::vector<at::Tensor> lstm_rule_backward(
     const at::Tensor& theta, const at::Tensor& features,
     const std::vector<at::Tensor>& saved,
     const std::optional<at::Tensor>& grad_updates,
     const std::vector<std::optional<at::Tensor>>& grad_state, int64_t batch,
-    double scale, bool want_features, double preprocess_p) {
+    int64_t coordinates, double scale, bool want_features, double preprocess_p) {
   const int64_t depth = static_cast<int64_t>(grad_state.size()) / 2;
   TORCH_CHECK(depth > 0 && saved.size() == static_cast<size_t>(5 * depth),
               "saved tensors do not match the state's layers");
@@ -804,8 +805,8 @@ std::vector<at::Tensor> lstm_rule_backward(
 
   std::vector<at::Tensor> result{grad_theta, out[0]};
   for (int64_t l = 0; l < depth; ++l) {
-    result.push_back(state_view(out[1 + l], batch, count / batch));
-    result.push_back(state_view(out[1 + depth + l], batch, count / batch));
+    result.push_back(state_view(out[1 + l], batch, coordinates));
+    result.push_back(state_view(out[1 + depth + l], batch, coordinates));
   }
   return result;
 }
