@@ -322,8 +322,8 @@ class LSTMRule(NetworkRule):
         row; a state in another layout is copied into this one first.
         """
         kernel = _kernels_for(theta, grad, state) if grad.numel() > 0 else None
-        if kernel is None:
-            return None
+        if kernel is None or state[0].shape[:2] != grad.shape:
+            return None  # the eager update says what does not fit
 
         batch, coordinates = grad.shape
         count = batch * coordinates

@@ -318,6 +318,27 @@ def test_fused_training_step_names_a_theta_that_does_not_fit(kernel) -> None:
         )
 
 
+def test_fused_training_step_refuses_a_state_of_another_shape(kernel) -> None:
+    """A state that is not (B, D, H) for the gradient's (B, D), even with as many
+    coordinates, gets the eager update's error; layers of different shapes get
+    the kernel's one line naming both."""
+    rule = LSTMRule(hidden_size=3, num_layers=2)
+    rule.compile = True
+    grad = torch.randn(2, 6)
+    transposed = tuple(torch.zeros(6, 2, 3) for _ in range(4))
+    with pytest.raises(RuntimeError) as eager:
+        rule.update(rule.theta, grad, transposed)
+    with pytest.raises(RuntimeError) as fused:
+        rule.step(rule.theta, grad, transposed)
+    assert str(fused.value) == str(eager.value)
+
+    mixed = (*rule.init_state(grad)[:2], torch.zeros(6, 2, 3), torch.zeros(6, 2, 3))
+    with pytest.raises(RuntimeError, match="every state tensor must be"):
+        kernels.LSTMTrainStep.apply(
+            kernel, 0.1, 10.0, rule.theta, grad.reshape(1, -1), *mixed
+        )
+
+
 @pytest.mark.parametrize("coordinates", [1, 37])
 def test_fused_training_step_takes_any_state_layout(kernel, coordinates) -> None:
     """Broadcast, transposed and single-coordinate states, and the broadcast

@@ -737,6 +737,12 @@ std::vector<at::Tensor> lstm_rule_forward(const at::Tensor& theta,
   TORCH_CHECK(!state.empty() && state.size() % 2 == 0,
               "state needs an h and a c per layer");
   const int64_t depth = static_cast<int64_t>(state.size()) / 2;
+  TORCH_CHECK(state[0].dim() == 3, "rule state must be (B, D, H), not ",
+              state[0].sizes());
+  for (const at::Tensor& s : state) {
+    TORCH_CHECK(s.sizes() == state[0].sizes(), "every state tensor must be ",
+                state[0].sizes(), " as the first is, not ", s.sizes());
+  }
   const int64_t batch = state[0].size(0), coordinates = state[0].size(1);
   const int64_t hidden = state[0].size(2);
   std::vector<at::Tensor> h, c;
