@@ -365,8 +365,8 @@ def _check_values(
             _check_values(node, value, f"{full}.", max(by_index - 1, 0))
         elif isinstance(value, (DictConfig, ListConfig)):
             raise ConfigError(
-                f"config key {full!r} = {OmegaConf.to_container(value)!r}: expected "
-                f"a single value, not a mapping or a list"
+                f"config key {full!r} = {_shown(value)}: expected a single value, "
+                f"not a mapping or a list"
             )
         elif isinstance(node, BooleanNode):
             raw = value._value()

@@ -682,11 +682,10 @@ struct RuleWeights {
 };
 
 RuleWeights split_theta(const at::Tensor& theta, int64_t depth, int64_t hidden) {
+  const Sizes layout{depth, hidden, 0};
   const int64_t gates = 4 * hidden;
   int64_t size = hidden + 1;
-  for (int64_t l = 0; l < depth; ++l) {
-    size += ((l == 0 ? 2 : hidden) + hidden + 1) * gates;
-  }
+  for (int64_t l = 0; l < depth; ++l) size += (layout.fan_in(l) + 1) * gates;
   TORCH_CHECK(theta.dim() == 1 && theta.is_contiguous() && theta.numel() == size,
               "theta must be a contiguous (", size, ",) tensor for ", depth,
               " layers of ", hidden, " units (the state's last size), not ",
@@ -694,7 +693,7 @@ RuleWeights split_theta(const at::Tensor& theta, int64_t depth, int64_t hidden) 
   RuleWeights out;
   int64_t offset = 0;
   for (int64_t l = 0; l < depth; ++l) {
-    const int64_t fan_in = (l == 0 ? 2 : hidden) + hidden;
+    const int64_t fan_in = layout.fan_in(l);
     const at::Tensor weight = theta.narrow(0, offset, fan_in * gates);
     out.weights.push_back(weight.view({fan_in, gates}));
     offset += fan_in * gates;
