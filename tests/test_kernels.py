@@ -279,14 +279,16 @@ def test_fused_training_step_matches_update(
 
 
 def test_fused_training_step_state_layout(kernel) -> None:
-    """The new state is (B, D, H) views of (H, B, D) tensors, which the next step
-    reads without a copy; a plain (B, D, H) state is accepted too."""
+    """The new state is (B, D, H) views of (H, B * D) rows that start on whole
+    16-float vectors, which the next step reads without a copy; a plain (B, D, H)
+    state is accepted too."""
     rule = LSTMRule(hidden_size=4)
     grad = torch.randn(2, 9)
     with torch.no_grad():
         _, state = rule._fused_update(rule.theta, grad, rule.init_state(grad))
         assert state[0].shape == (2, 9, 4)
-        assert state[0].permute(2, 0, 1).is_contiguous()
+        assert state[0].permute(2, 0, 1).stride() == (32, 9, 1)  # 18 rounded up
+        assert all(s.data_ptr() % 64 == 0 for s in state)
         expected, _ = rule.update(rule.theta, grad, tuple(s.clone() for s in state))
         update, _ = rule._fused_update(rule.theta, grad, state)
     torch.testing.assert_close(update, expected)
