@@ -317,9 +317,10 @@ class LSTMRule(NetworkRule):
         """``update`` by ``LSTMTrainStep``, or None where it does not apply
         (float32 on the CPU and one set of weights, see ``_kernels_for``).
 
-        The state goes in and comes out as (B, D, H) views of (H, B, D) tensors,
-        so that each unit's values over all coordinates of all problems are one
-        row; a state in another layout is copied into this one first.
+        The state goes in and comes out as (B, D, H) views of (H, B * D) rows,
+        each unit's values over all coordinates of all problems in one row padded
+        to whole 16-float vectors; a state in another layout is copied into this
+        one first.
         """
         kernel = _kernels_for(theta, grad, state) if grad.numel() > 0 else None
         if kernel is None or state[0].shape[:2] != grad.shape:

@@ -150,8 +150,10 @@ void lstm_step(const torch::Tensor& features, const std::vector<torch::Tensor>& 
   const int64_t tiles = (n + kTile - 1) / kTile;
 
   at::parallel_for(0, tiles, 16, [&](int64_t first, int64_t last) {
-    std::vector<float> x(rows * kTile), cells(depth * hidden * kTile),
-        fresh(hidden * kTile);
+    // On whole vectors (vec.h), so that no tile load straddles two cache lines.
+    float* const x = thread_scratch((rows + 2 * depth * hidden) * kTile);
+    float* const cells = x + rows * kTile;
+    float* const fresh = cells + depth * hidden * kTile;
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t start = tile * kTile;
       const size_t bytes = sizeof(float) * std::min(kTile, n - start);
@@ -159,34 +161,34 @@ void lstm_step(const torch::Tensor& features, const std::vector<torch::Tensor>& 
       // Gather the tile (a short last tile is padded with zeros), step it, and
       // scatter the state back.
       if (start + kTile > n) {
-        std::fill(x.begin(), x.end(), 0.0f);
-        std::fill(cells.begin(), cells.end(), 0.0f);
+        std::fill(x, x + rows * kTile, 0.0f);
+        std::fill(cells, cells + depth * hidden * kTile, 0.0f);
       }
       for (int64_t f = 0; f < 2; ++f) {
-        std::memcpy(&x[f * kTile], feats + f * n + start, bytes);
+        std::memcpy(x + f * kTile, feats + f * n + start, bytes);
       }
       for (int64_t l = 0; l < depth; ++l) {
         const Layer& layer = layers[l];
         for (int64_t u = 0; u < hidden; ++u) {
           const int64_t row = (l * hidden + u) * kTile;
-          std::memcpy(&x[2 * kTile + row], layer.h + u * layer.stride + start, bytes);
-          std::memcpy(&cells[row], layer.c + u * layer.stride + start, bytes);
+          std::memcpy(x + 2 * kTile + row, layer.h + u * layer.stride + start, bytes);
+          std::memcpy(cells + row, layer.c + u * layer.stride + start, bytes);
         }
       }
 
-      tile_step(layers, hidden, x.data(), cells.data(), fresh.data());
+      tile_step(layers, hidden, x, cells, fresh);
 
       for (int64_t l = 0; l < depth; ++l) {
         const Layer& layer = layers[l];
         for (int64_t u = 0; u < hidden; ++u) {
           const int64_t row = (l * hidden + u) * kTile;
-          std::memcpy(layer.h + u * layer.stride + start, &x[2 * kTile + row], bytes);
-          std::memcpy(layer.c + u * layer.stride + start, &cells[row], bytes);
+          std::memcpy(layer.h + u * layer.stride + start, x + 2 * kTile + row, bytes);
+          std::memcpy(layer.c + u * layer.stride + start, cells + row, bytes);
         }
       }
 
       // The linear head on the last layer's h.
-      const float* top = &x[(2 + (depth - 1) * hidden) * kTile];
+      const float* top = x + (2 + (depth - 1) * hidden) * kTile;
       float sum[kTile];
       for (int64_t j = 0; j < kTile; ++j) sum[j] = static_cast<float>(head_bias);
       for (int64_t u = 0; u < hidden; ++u) {

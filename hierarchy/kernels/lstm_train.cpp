@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -282,25 +281,6 @@ void outer_sum(const Rows& a, int64_t m, const Rows& b, int64_t n, int64_t count
   outer_sum_rows<1, 8>(a, r, m, b, n, count, out, ldo);
 }
 
-// At least `size` floats of the calling thread's own, 64-byte aligned, kept for
-// its next call: a whole-vector load that straddles two cache lines costs two
-// (the backward kernel ran 16% slower on scratch from plain new). Uninitialised:
-// every scratch value is written before it is read.
-float* thread_scratch(int64_t size) {
-  struct Free {
-    void operator()(float* p) const { std::free(p); }
-  };
-  thread_local std::unique_ptr<float[], Free> kept;
-  thread_local int64_t kept_size = 0;
-  if (kept_size < size) {
-    const size_t bytes = (sizeof(float) * size + 63) / 64 * 64;
-    kept.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    TORCH_CHECK(kept != nullptr, "cannot allocate ", bytes, " bytes of scratch");
-    kept_size = size;
-  }
-  return kept.get();
-}
-
 // An (rows, n) float tensor whose rows start on whole vectors (torch aligns its
 // allocations to 64 bytes), so that no full-vector load or store of a block
 // straddles two cache lines; the rows are padded to a multiple of 16 floats.
@@ -325,6 +305,7 @@ void for_each_block(int64_t n, int64_t scratch, const Body& block) {
     const unsigned int control = _mm_getcsr();
     _mm_setcsr(control | 0x8040);  // flush-to-zero and denormals-are-zero
 #endif
+    // Uninitialised: every scratch value is written before it is read.
     float* const buffer = thread_scratch(scratch);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * kBlock;
