@@ -70,6 +70,7 @@ def _backward(kernel, x: dict, h, c, out, grad_h, grad_c) -> list[torch.Tensor]:
         h,
         c,
         list(out[1 : 1 + LAYERS]),
+        list(out[1 + LAYERS : 1 + 2 * LAYERS]),
         list(out[1 + 2 * LAYERS :]),
         x["weights"],
         x["head"],

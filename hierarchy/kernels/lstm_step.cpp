@@ -209,8 +209,9 @@ std::vector<torch::Tensor> lstm_train_forward(
 std::vector<torch::Tensor> lstm_train_backward(
     const torch::Tensor& features, const std::vector<torch::Tensor>& h,
     const std::vector<torch::Tensor>& c, const std::vector<torch::Tensor>& h_new,
-    const std::vector<torch::Tensor>& acts, const std::vector<torch::Tensor>& weights,
-    const torch::Tensor& head, double scale, const torch::Tensor& grad_updates,
+    const std::vector<torch::Tensor>& c_new, const std::vector<torch::Tensor>& acts,
+    const std::vector<torch::Tensor>& weights, const torch::Tensor& head,
+    double scale, const torch::Tensor& grad_updates,
     const std::vector<torch::Tensor>& grad_h_new,
     const std::vector<torch::Tensor>& grad_c_new,
     const std::vector<torch::Tensor>& grad_weights,

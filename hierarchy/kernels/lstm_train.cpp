@@ -389,10 +389,8 @@ void cell_forward(const Rows& z, const float* bias, const float* features,
 // The cell backward on `count` coordinates: from the gradient of h' (`dh`, plus
 // `dh_later` from later steps where given) and of c' (`dc`, or none), the
 // gradients of the gate sums `dz` and of the old cell; adds each gate's sum of
-// dz, the bias gradient, into `grad_bias`. tanh(c') is read back as h' / o,
-// a reciprocal where the tanh took a third of the pass; o > 0 is a sigmoid of
-// a clamped sum, so this is tanh(c') to about an ulp more than its own rounding.
-void cell_backward(const Rows& act, const Rows& c, const Rows& h_new, const Rows& dh,
+// dz, the bias gradient, into `grad_bias`.
+void cell_backward(const Rows& act, const Rows& c, const Rows& c_new, const Rows& dh,
                    const float* dh_later, int64_t later_stride, const float* dc,
                    int64_t dc_stride, const Rows& dz, const Rows& dc_old,
                    float* grad_bias, int64_t hidden, int64_t count) {
@@ -403,8 +401,7 @@ void cell_backward(const Rows& act, const Rows& c, const Rows& h_new, const Rows
       const Vec f = load(act.row(hidden + u) + at, width);
       const Vec g = load(act.row(2 * hidden + u) + at, width);
       const Vec o = load(act.row(3 * hidden + u) + at, width);
-      Vec tc = load(h_new.row(u) + at, width) * reciprocal(o);
-      if (width < kWidth) tc = o > 0.0f ? tc : Vec{};  // 0 / 0 past `width`
+      const Vec tc = tanh_approx(load(c_new.row(u) + at, width));
       Vec grad_h = load(dh.row(u) + at, width);
       if (dh_later != nullptr) grad_h += load(dh_later + u * later_stride + at, width);
       Vec grad_c = grad_h * o * (1.0f - tc * tc);
@@ -542,18 +539,18 @@ std::vector<at::Tensor> lstm_train_forward(const at::Tensor& features,
   return out;
 }
 
-// Backward of lstm_train_forward. Takes its inputs again, its new h and
-// activated gates, and the gradients of the updates (n,) and of each new h and
-// c (empty where none reached them). Writes the gradient of the weights into
-// grad_weights, grad_biases, grad_head and grad_head_bias (contiguous views of
-// one flat gradient, written over, not added to). Returns the gradient of the features
+// Backward of lstm_train_forward. Takes its inputs and outputs again, and the
+// gradients of the updates (n,) and of each new h and c (empty where none
+// reached them). Writes the gradient of the weights into grad_weights,
+// grad_biases, grad_head and grad_head_bias (contiguous views of one flat
+// gradient, written over, not added to). Returns the gradient of the features
 // ((2, n), undefined unless want_features), then of each old h, then of each
 // old c.
 std::vector<at::Tensor> lstm_train_backward(
     const at::Tensor& features, const std::vector<at::Tensor>& h,
     const std::vector<at::Tensor>& c, const std::vector<at::Tensor>& h_new,
-    const std::vector<at::Tensor>& acts, const std::vector<at::Tensor>& weights,
-    const at::Tensor& head, double scale,
+    const std::vector<at::Tensor>& c_new, const std::vector<at::Tensor>& acts,
+    const std::vector<at::Tensor>& weights, const at::Tensor& head, double scale,
     const at::Tensor& grad_updates, const std::vector<at::Tensor>& grad_h_new,
     const std::vector<at::Tensor>& grad_c_new,
     const std::vector<at::Tensor>& grad_weights,
@@ -568,6 +565,7 @@ std::vector<at::Tensor> lstm_train_backward(
               "grad_updates must be contiguous (", s.n, ",)");
   for (int64_t l = 0; l < depth; ++l) {
     check_rows(h_new[l], hidden, s.n, "h_new");
+    check_rows(c_new[l], hidden, s.n, "c_new");
     check_rows(acts[l], gates, s.n, "acts");
     if (present(grad_h_new[l])) check_rows(grad_h_new[l], hidden, s.n, "grad_h");
     if (present(grad_c_new[l])) check_rows(grad_c_new[l], hidden, s.n, "grad_c");
@@ -632,7 +630,7 @@ std::vector<at::Tensor> lstm_train_backward(
       const Rows old_h = rows_of(h[l]).at(first);
 
       cell_backward(rows_of(acts[l]).at(first), rows_of(c[l]).at(first),
-                    rows_of(h_new[l]).at(first), dh,
+                    rows_of(c_new[l]).at(first), dh,
                     present(later) ? later.data_ptr<float>() + first : nullptr,
                     present(later) ? later.stride(0) : 0,
                     present(dc) ? dc.data_ptr<float>() + first : nullptr,
@@ -744,7 +742,7 @@ at::Tensor state_view(const at::Tensor& rows, int64_t batch, int64_t coordinates
 // One training step of the LSTM rule at flat weights theta, for LSTMTrainStep:
 // state is h0, c0, h1, c1, ... as (B, D, H) tensors. Returns the updates (B, D)
 // and the new state, (B, D, H) views in the same order, then what backward reads:
-// the state's rows, each layer's new h rows and activated gates.
+// the state's rows, each layer's new h rows, new c rows and activated gates.
 std::vector<at::Tensor> lstm_rule_forward(const at::Tensor& theta,
                                           const at::Tensor& features,
                                           const std::vector<at::Tensor>& state,
@@ -778,8 +776,7 @@ std::vector<at::Tensor> lstm_rule_forward(const at::Tensor& theta,
     result.push_back(h[l]);
     result.push_back(c[l]);
   }
-  result.insert(result.end(), out.begin() + 1, out.begin() + 1 + depth);  // h'
-  result.insert(result.end(), out.begin() + 1 + 2 * depth, out.end());  // gates
+  result.insert(result.end(), out.begin() + 1, out.end());
   return result;
 }
 
@@ -795,16 +792,17 @@ std::vector<at::Tensor> lstm_rule_backward(
     const std::vector<std::optional<at::Tensor>>& grad_state, int64_t batch,
     int64_t coordinates, double scale, bool want_features, double preprocess_p) {
   const int64_t depth = static_cast<int64_t>(grad_state.size()) / 2;
-  TORCH_CHECK(depth > 0 && saved.size() == static_cast<size_t>(4 * depth),
+  TORCH_CHECK(depth > 0 && saved.size() == static_cast<size_t>(5 * depth),
               "saved tensors do not match the state's layers");
   const int64_t hidden = saved[0].size(0), count = saved[0].size(1);
-  std::vector<at::Tensor> h, c, h_new, acts, grad_h, grad_c;
+  std::vector<at::Tensor> h, c, h_new, c_new, acts, grad_h, grad_c;
   const at::Tensor none = at::empty({0}, features.options());
   for (int64_t l = 0; l < depth; ++l) {
     h.push_back(saved[2 * l]);
     c.push_back(saved[2 * l + 1]);
     h_new.push_back(saved[2 * depth + l]);
-    acts.push_back(saved[3 * depth + l]);
+    c_new.push_back(saved[3 * depth + l]);
+    acts.push_back(saved[4 * depth + l]);
     const auto& dh = grad_state[2 * l];
     const auto& dc = grad_state[2 * l + 1];
     grad_h.push_back(dh.has_value() ? state_rows(*dh) : none);
@@ -820,7 +818,7 @@ std::vector<at::Tensor> lstm_rule_backward(
   const RuleWeights w = split_theta(theta, depth, hidden);
   const RuleWeights views = split_theta(grad_theta, depth, hidden);
   const std::vector<at::Tensor> out = lstm_train_backward(
-      features, h, c, h_new, acts, w.weights, w.head, scale, d_updates, grad_h,
+      features, h, c, h_new, c_new, acts, w.weights, w.head, scale, d_updates, grad_h,
       grad_c, views.weights, views.biases, views.head, views.head_bias,
       want_features, preprocess_p);
 

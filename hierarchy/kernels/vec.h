@@ -55,8 +55,9 @@ inline float* thread_scratch(int64_t size) {
   thread_local int64_t kept_size = 0;
   if (kept_size < size) {
     const size_t bytes = (sizeof(float) * size + 63) / 64 * 64;
-    kept.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    if (kept == nullptr) throw std::bad_alloc();  // MemoryError in Python
+    float* const grown = static_cast<float*>(std::aligned_alloc(64, bytes));
+    if (grown == nullptr) throw std::bad_alloc();  // MemoryError; the old one stays
+    kept.reset(grown);
     kept_size = size;
   }
   return kept.get();
