@@ -314,10 +314,31 @@ def test_fused_training_step_names_a_theta_that_does_not_fit(kernel) -> None:
     theta's expected length, not an error from inside the kernel."""
     theta = LSTMRule(hidden_size=4, num_layers=1).theta.detach()
     state = [torch.zeros(2, 5, 3) for _ in range(2)]
-    with pytest.raises(RuntimeError, match=r"theta must be a contiguous \(76,\)"):
+    with pytest.raises(RuntimeError, match=r"contiguous float32 \(76,\) tensor"):
         kernels.LSTMTrainStep.apply(
             kernel, 0.1, 10.0, theta, torch.zeros(1, 10), *state
         )
+
+
+def test_fused_training_step_names_bad_features_and_theta_types(kernel) -> None:
+    """Features of the wrong rank or width and a theta of another dtype, given
+    to the autograd Function directly, get one line naming the value and what
+    fits."""
+    theta = LSTMRule(hidden_size=4, num_layers=1).theta.detach()
+    state = [torch.zeros(2, 5, 4) for _ in range(2)]
+    cases = [
+        (theta, torch.zeros(10), r"B \* D = 10 columns.*not \[10\]"),
+        (theta, torch.zeros(1, 7), r"B \* D = 10 columns.*not \[1, 7\]"),
+        (
+            theta,
+            torch.zeros(3, 10),
+            r"\(2, n\) preprocessed or \(1, n\) raw.*\[3, 10\]",
+        ),
+        (theta.double(), torch.zeros(1, 10), r"float32 \(117,\) tensor.*not Double"),
+    ]
+    for weights, features, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            kernels.LSTMTrainStep.apply(kernel, 0.1, 10.0, weights, features, *state)
 
 
 def test_fused_training_step_refuses_a_state_of_another_shape(kernel) -> None:

@@ -438,11 +438,12 @@ Sizes check_inputs(const at::Tensor& features, const std::vector<at::Tensor>& h,
                    const std::vector<at::Tensor>& c,
                    const std::vector<at::Tensor>& weights,
                    const at::Tensor& head) {
+  TORCH_CHECK(features.dim() == 2 && (features.size(0) == 1 || features.size(0) == 2),
+              "features must be (2, n) preprocessed or (1, n) raw gradients, not ",
+              features.sizes());
   const Sizes s{static_cast<int64_t>(h.size()), head.numel(), features.size(1)};
   TORCH_CHECK(s.depth > 0 && c.size() == h.size() && weights.size() == h.size(),
               "h, c and weights need one entry per layer");
-  TORCH_CHECK(features.dim() == 2 && (features.size(0) == 1 || features.size(0) == 2),
-              "features must be (2, n) preprocessed or (1, n) raw gradients");
   check_rows(features, features.size(0), s.n, "features");
   TORCH_CHECK(head.is_contiguous(), "head must be contiguous");
   for (int64_t l = 0; l < s.depth; ++l) {
@@ -698,10 +699,11 @@ RuleWeights split_theta(const at::Tensor& theta, int64_t depth, int64_t hidden) 
   const int64_t gates = 4 * hidden;
   int64_t size = hidden + 1;
   for (int64_t l = 0; l < depth; ++l) size += (layout.fan_in(l) + 1) * gates;
-  TORCH_CHECK(theta.dim() == 1 && theta.is_contiguous() && theta.numel() == size,
-              "theta must be a contiguous (", size, ",) tensor for ", depth,
+  TORCH_CHECK(theta.dim() == 1 && theta.is_contiguous() && theta.numel() == size &&
+                  theta.scalar_type() == at::kFloat,
+              "theta must be a contiguous float32 (", size, ",) tensor for ", depth,
               " layers of ", hidden, " units (the state's last size), not ",
-              theta.sizes());
+              theta.scalar_type(), " ", theta.sizes());
   RuleWeights out;
   int64_t offset = 0;
   for (int64_t l = 0; l < depth; ++l) {
@@ -758,6 +760,10 @@ std::vector<at::Tensor> lstm_rule_forward(const at::Tensor& theta,
   }
   const int64_t batch = state[0].size(0), coordinates = state[0].size(1);
   const int64_t hidden = state[0].size(2);
+  TORCH_CHECK(features.dim() == 2 && features.size(1) == batch * coordinates,
+              "features must have B * D = ", batch * coordinates,
+              " columns, one per coordinate of the (", batch, ", ", coordinates,
+              ", H) state, not ", features.sizes());
   std::vector<at::Tensor> h, c;
   for (int64_t l = 0; l < depth; ++l) {
     h.push_back(state_rows(state[2 * l]));
