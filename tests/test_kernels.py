@@ -364,28 +364,29 @@ def test_fused_training_step_refuses_a_state_of_another_shape(kernel) -> None:
 
 def test_fused_training_step_differentiates_saturated_cells_like_torch(kernel) -> None:
     """Where tanh(c') rounds to about 1, its derivative 1 - tanh^2 is below float
-    rounding. The fused backward's gradient of the starting cell stays within a
-    few times torch's own float32 error against float64 there, and never takes
-    the wrong sign (tanh(c') read back as h' / o once had both)."""
-    torch.manual_seed(0)
-    rule = LSTMRule(hidden_size=1, num_layers=1)
-    exact = copy.deepcopy(rule).double()
-    grad = torch.randn(1, 4096)
-    for start in (20.0, 10.0, -9.0):
-        gradients = {}
-        for name, step, theta, dtype in (
-            ("plain", rule.update, rule.theta, torch.float32),
-            ("fused", rule._fused_update, rule.theta, torch.float32),
-            ("exact", exact.update, exact.theta, torch.float64),
-        ):
-            cell = torch.full((1, 4096, 1), start, dtype=dtype, requires_grad=True)
-            hidden = torch.zeros(1, 4096, 1, dtype=dtype)
-            _, (h, _) = step(theta, grad.to(dtype), (hidden, cell))
-            gradients[name] = torch.autograd.grad(h.sum(), cell)[0].double()
-        truth = gradients["exact"]
-        torch_error = (gradients["plain"] - truth).abs().max()
-        assert (gradients["fused"] - truth).abs().max() <= 4 * torch_error, start
-        assert (gradients["fused"] * truth >= 0).all(), start
+    rounding. The fused backward's gradient of the starting cell stays within
+    two float32 spacings at 1 of float64's there (torch's own, within one), and
+    never takes the wrong sign (an approximate tanh an ulp past -1 once did, and
+    tanh(c') read back as h' / o once did both)."""
+    for seed in range(5):
+        torch.manual_seed(seed)
+        rule = LSTMRule(hidden_size=1, num_layers=1)
+        exact = copy.deepcopy(rule).double()
+        grad = torch.randn(1, 4096)
+        for start in (20.0, 10.0, -9.0, -20.0):
+            gradients = {}
+            for name, step, theta, dtype in (
+                ("fused", rule._fused_update, rule.theta, torch.float32),
+                ("exact", exact.update, exact.theta, torch.float64),
+            ):
+                shape = (1, 4096, 1)
+                cell = torch.full(shape, start, dtype=dtype, requires_grad=True)
+                hidden = torch.zeros(shape, dtype=dtype)
+                _, (h, _) = step(theta, grad.to(dtype), (hidden, cell))
+                gradients[name] = torch.autograd.grad(h.sum(), cell)[0].double()
+            fused, truth = gradients["fused"], gradients["exact"]
+            assert (fused - truth).abs().max() <= 2 * torch.finfo().eps, (seed, start)
+            assert (fused * truth >= 0).all(), (seed, start)
 
 
 @pytest.mark.parametrize("coordinates", [1, 37])

@@ -113,9 +113,12 @@ __attribute__((always_inline)) inline Vec reciprocal(Vec x) {
 #endif
 }
 
+// tanh z within [-1, 1]: where it saturates, the reciprocal's rounding could put
+// it an ulp past, and backward's 1 - tanh^2 would then take the wrong sign.
 __attribute__((always_inline)) inline Vec tanh_approx(Vec z) {
   const Vec e = exp2_approx(z * (-2.0f * kLog2e));
-  return (1.0f - e) * reciprocal(1.0f + e);
+  const Vec t = (1.0f - e) * reciprocal(1.0f + e);
+  return t > 1.0f ? splat(1.0f) : (t < -1.0f ? splat(-1.0f) : t);  // NaN stays
 }
 
 // log x for finite x >= 2^-126, to about an ulp: x = m 2^e with m in
