@@ -44,7 +44,8 @@ at::Tensor activate_backward(const at::Tensor& grad, const at::Tensor& out,
 
 // params (B, D) flat weights, each layer's (in, out) weight then (out,) bias;
 // images (N, in) and labels (N,) of the split; batches (steps, B, n) indices
-// into them, of which row step % steps is this step's; sizes: the layer widths,
+// into them, of which row `step` is this step's (the caller wraps it, as a
+// Python step may not fit in int64); sizes: the layer widths,
 // input first; activation: 0 sigmoid, 1 relu, 2 tanh. Returns the mean
 // cross-entropy of each network (B,) and its gradient (B, D), with no graph.
 std::vector<at::Tensor> mlp_value_and_grad(const at::Tensor& params,
@@ -61,7 +62,7 @@ std::vector<at::Tensor> mlp_value_and_grad(const at::Tensor& params,
   const int64_t depth = static_cast<int64_t>(sizes.size()) - 1;
 
   // The minibatch: images (B, n, in) and labels (B * n,).
-  const at::Tensor index = batches.select(0, step % batches.size(0));
+  const at::Tensor index = batches.select(0, step);
   const at::Tensor rows = index.reshape({-1});
   const int64_t batch = index.size(0), n = index.size(1);
   at::Tensor x = images.index_select(0, rows).view({batch, n, -1});
